@@ -1,0 +1,42 @@
+"""The one place that picks and sets the MindSpore device."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import mindspore
+
+from src.errors import InputError
+
+_PREFERENCE = ("Ascend", "GPU", "CPU")
+
+
+def _is_available(target: str) -> bool:
+    backend = getattr(mindspore.device_context, target.lower())
+    # The availability probes print loader noise for absent backends; keep the terminal clean.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return bool(backend.is_available())
+        except (RuntimeError, OSError):
+            return False
+
+
+def resolve_device_target(device_target: str) -> str:
+    """'auto' becomes the best backend present; an explicit one must be present."""
+    if device_target == "auto":
+        return next(target for target in _PREFERENCE if target == "CPU" or _is_available(target))
+    if device_target not in _PREFERENCE:
+        raise InputError(f"device_target: {device_target!r} is not one of auto, {', '.join(_PREFERENCE)}")
+    if device_target != "CPU" and not _is_available(device_target):
+        raise InputError(f"device_target: {device_target} was asked for but this MindSpore install "
+                         "has no usable backend for it (use device_target=auto or CPU)")
+    return device_target
+
+
+def setup_device(device_target: str, device_id: int = 0, graph_mode: bool = True) -> str:
+    """Set the device (mindspore.set_device) and execution mode; returns the resolved target."""
+    target = resolve_device_target(device_target)
+    mindspore.set_device(target, device_id if target != "CPU" else None)
+    mindspore.set_context(mode=mindspore.GRAPH_MODE if graph_mode else mindspore.PYNATIVE_MODE)
+    return target

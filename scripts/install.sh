@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the project's Python requirements into the current interpreter (skipped when present).
+# Usage: bash scripts/install.sh [--test]   (--test adds the test-only tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+files=(-r requirements.txt)
+[[ "${1:-}" == "--test" ]] && files+=(-r requirements-test.txt)
+if ! "$PYTHON" -m pip install --disable-pip-version-check -q "${files[@]}"; then
+    echo "error: installing the requirements failed (see pip's message above)" >&2
+    exit 1
+fi

@@ -1,0 +1,1 @@
+"""DELF (DEep Local Features) on MindSpore: extraction, matching, retrieval and training."""
