@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import io
+import os
+import sys
 
 import mindspore
 
@@ -12,10 +13,27 @@ from src.errors import InputError
 _PREFERENCE = ("Ascend", "GPU", "CPU")
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """The availability probes print loader noise from C++ for absent backends: mute fds 1 and 2."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _is_available(target: str) -> bool:
     backend = getattr(mindspore.device_context, target.lower())
-    # The availability probes print loader noise for absent backends; keep the terminal clean.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with _quiet_native_output():
         try:
             return bool(backend.is_available())
         except (RuntimeError, OSError):

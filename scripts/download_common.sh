@@ -10,32 +10,32 @@ fetch() {
         return 0
     fi
     mkdir -p "$(dirname "$dest")"
-    local attempt status
+    local host status code attempt
+    host=$(echo "$url" | cut -d/ -f3)
+    status=0
+    curl --silent --head --location --max-time 20 --output /dev/null "$url" || status=$?
+    if [[ $status -eq 6 || $status -eq 7 || $status -eq 28 ]]; then
+        echo "error: cannot reach $host (offline?); rerun later, downloads resume where they stopped" >&2
+        return 1
+    fi
     for attempt in 1 2 3 4 5; do
-        # (`if curl ...; then break; fi; status=$?` would always read 0: the status of the `if`.)
         status=0
-        curl --fail --location --continue-at - --retry 3 --retry-delay 5 \
-            --connect-timeout 30 --output "$dest" "$url" || status=$?
-        if [[ $status -eq 0 ]]; then
+        code=$(curl --location --continue-at - --connect-timeout 30 --write-out '%{http_code}' \
+            --output "$dest" "$url") || status=$?
+        # 416: the server has no bytes beyond what we hold, so the file is complete.
+        if [[ $status -eq 0 && ( $code == 2* || $code == 416 ) ]] || [[ $code == 416 && -s "$dest" ]]; then
             break
         fi
-        if [[ $status -eq 6 || $status -eq 7 ]]; then
-            echo "error: cannot reach $(echo "$url" | cut -d/ -f3) (offline?); rerun later, the download resumes" >&2
-            return 1
-        fi
-        if [[ $status -eq 22 || $status -eq 33 ]]; then
-            # A complete file answers a resume request with "range not satisfiable";
-            # the checksum below decides whether it is really complete.
-            [[ -s "$dest" ]] && break
-            echo "error: $url answered with an HTTP error" >&2
+        if [[ $code == 4* ]]; then
+            echo "error: $url answered HTTP $code" >&2
             return 1
         fi
         if [[ $attempt -eq 5 ]]; then
             # Never fall through with a partial file: it would be marked complete.
-            echo "error: download of $url failed (curl exit $status); rerun to resume" >&2
+            echo "error: download of $url failed (curl exit $status, HTTP $code); rerun to resume" >&2
             return 1
         fi
-        echo "[retry $attempt] $url (curl exit $status)" >&2
+        echo "[retry $attempt] $url (curl exit $status, HTTP $code)" >&2
         sleep $((attempt * 5))
     done
     if [[ ! -s "$dest" ]]; then

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Downloads what training and evaluation start from:
+#   - the Keras ResNet50 ImageNet weights (notop h5) the reference trains from, checked by md5;
+#   - the official DELF PCA (40-D, no whitening), converted from .datum to pca/*.npy.
+# Usage: bash scripts/download_pretrained.sh [DOWNLOAD_DIR]   (default ./pretrained)
+# Downloads resume, retry, and are skipped when already complete.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/scripts/download_common.sh"
+PYTHON=${PYTHON:-python3}
+DOWNLOAD_DIR=${1:-$ROOT/pretrained}
+mkdir -p "$DOWNLOAD_DIR" "$ROOT/pca"
+
+H5_NAME=resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5
+H5_MD5=a268eb855778b3df3c7506639542a6af
+KERAS_TAR_URL=http://storage.googleapis.com/delf/resnet50_imagenet_weights.tar.gz
+KERAS_H5_URL=https://github.com/fchollet/deep-learning-models/releases/download/v0.2/$H5_NAME
+DELF_TAR_URL=http://storage.googleapis.com/delf/delf_v1_20171026.tar.gz
+GITEE_PCA_URL=https://gitee.com/LinPeijia/delf_-pca/repository/archive/master.zip
+
+failed=()
+
+get_keras_weights() {
+    local h5="$ROOT/$H5_NAME"
+    if [[ -f "$h5" ]] && [[ "$(md5sum "$h5" | cut -d' ' -f1)" == "$H5_MD5" ]]; then
+        echo "[skip] $h5 (md5 ok)"
+        return 0
+    fi
+    if fetch "$KERAS_TAR_URL" "$DOWNLOAD_DIR/resnet50_imagenet_weights.tar.gz" \
+        && extract "$DOWNLOAD_DIR/resnet50_imagenet_weights.tar.gz" "$DOWNLOAD_DIR/resnet50_imagenet_weights"; then
+        local found
+        found=$(find "$DOWNLOAD_DIR/resnet50_imagenet_weights" -name "$H5_NAME" | head -n 1)
+        [[ -n "$found" ]] && cp "$found" "$h5.partial" && mv "$h5.partial" "$h5"
+    fi
+    if [[ ! -f "$h5" ]]; then
+        echo "falling back to the Keras release of the same file"
+        fetch "$KERAS_H5_URL" "$DOWNLOAD_DIR/$H5_NAME" "$H5_MD5" && cp "$DOWNLOAD_DIR/$H5_NAME" "$h5" || return 1
+    fi
+    local actual
+    actual=$(md5sum "$h5" | cut -d' ' -f1)
+    if [[ "$actual" != "$H5_MD5" ]]; then
+        echo "error: $h5 has md5 $actual, expected $H5_MD5" >&2
+        return 1
+    fi
+    echo "Keras ResNet50 weights: $h5 (md5 ok)"
+}
+
+get_delf_pca() {
+    if [[ -f "$ROOT/pca/mean.npy" && -f "$ROOT/pca/pca_proj_mat.npy" ]]; then
+        echo "[skip] pca/*.npy already present"
+        return 0
+    fi
+    if fetch "$DELF_TAR_URL" "$DOWNLOAD_DIR/delf_v1_20171026.tar.gz" \
+        && extract "$DOWNLOAD_DIR/delf_v1_20171026.tar.gz" "$DOWNLOAD_DIR/delf_v1"; then
+        local mean projection
+        mean=$(find "$DOWNLOAD_DIR/delf_v1" -path '*pca/mean.datum' | head -n 1)
+        projection=$(find "$DOWNLOAD_DIR/delf_v1" -path '*pca/pca_proj_mat.datum' | head -n 1)
+        if [[ -n "$mean" && -n "$projection" ]]; then
+            (cd "$ROOT" && "$PYTHON" -m src.datum_io "$mean" pca/mean.npy \
+                && "$PYTHON" -m src.datum_io "$projection" pca/pca_proj_mat.npy) && {
+                echo "DELF PCA: pca/mean.npy, pca/pca_proj_mat.npy (40-D, no whitening)"
+                return 0
+            }
+        fi
+    fi
+    echo "falling back to the MindSpore reference's PCA archive"
+    fetch "$GITEE_PCA_URL" "$DOWNLOAD_DIR/delf_pca.zip" || return 1
+    rm -rf "$DOWNLOAD_DIR/delf_pca" && mkdir -p "$DOWNLOAD_DIR/delf_pca"
+    "$PYTHON" -m zipfile -e "$DOWNLOAD_DIR/delf_pca.zip" "$DOWNLOAD_DIR/delf_pca"
+    local name file
+    for name in mean pca_proj_mat pca_variances; do
+        file=$(find "$DOWNLOAD_DIR/delf_pca" -name "$name.npy" | head -n 1)
+        [[ -n "$file" ]] && cp "$file" "$ROOT/pca/$name.npy"
+    done
+    [[ -f "$ROOT/pca/mean.npy" && -f "$ROOT/pca/pca_proj_mat.npy" ]]
+}
+
+get_keras_weights || failed+=("Keras ResNet50 weights")
+get_delf_pca || failed+=("DELF PCA")
+if ((${#failed[@]})); then
+    echo "error: not downloaded: ${failed[*]} (rerun to resume; without internet, fit your own PCA with" \
+         "python -m src.fit_pca)" >&2
+    exit 1
+fi
