@@ -41,7 +41,7 @@ class DelfConfig:
     device_target: str = field(**_option("device to run on; auto = Ascend, else GPU, else CPU",
                                          ("auto", "Ascend", "GPU", "CPU")))
     device_id: int = field(**_option("device index"))
-    conv_impl: str = field(**_option("convolution kernels: auto = matmul on CPU, native elsewhere",
+    conv_impl: str = field(**_option("convolution kernels: auto = native; matmul = im2col fallback",
                                      ("auto", "native", "matmul")))
     num_classes: int = field(**_option("classifier size when the training data does not give it"))
     bn_epsilon: float = field(**_option("BatchNorm epsilon; 0 = follow the weights file"))
@@ -65,6 +65,10 @@ class DelfConfig:
     need_summary: bool = field(**_option("collect MindSpore summaries"))
     save_summary: str = field(**_option("summary directory"))
     need_profile: bool = field(**_option("run the MindSpore profiler"))
+    log_interval: int = field(**_option("steps between loss log lines"))
+    mode: str = field(**_option("MindSpore execution mode", ("graph", "pynative")))
+    amp_level: str = field(**_option("mixed precision level (Ascend/GPU; CPU trains in float32)",
+                                     ("O0", "O1", "O2", "O3")))
     extraction: ExtractionConfig = field(**_option("feature extraction settings"))
 
     def __post_init__(self) -> None:

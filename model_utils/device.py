@@ -53,8 +53,17 @@ def resolve_device_target(device_target: str) -> str:
 
 
 def setup_device(device_target: str, device_id: int = 0, graph_mode: bool = True) -> str:
-    """Set the device (mindspore.set_device) and execution mode; returns the resolved target."""
+    """Set the device (mindspore.set_device) and execution mode; returns the resolved target.
+
+    Call it before the first MindSpore kernel runs: on CPU it caps oneDNN at AVX2, which oneDNN
+    reads when it creates its first kernel.
+    """
     target = resolve_device_target(device_target)
+    if target == "CPU":
+        # On AVX-512 machines the oneDNN bundled with MindSpore 2.10 answers NCHW convolutions
+        # (all but 1x1 stride 1) with its reference kernel, about 100x slower than the im2col +
+        # GEMM kernel it picks when capped at AVX2 (bench/backbone.py measures both).
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     mindspore.set_device(target, device_id if target != "CPU" else None)
     mindspore.set_context(mode=mindspore.GRAPH_MODE if graph_mode else mindspore.PYNATIVE_MODE)
     return target

@@ -3,6 +3,7 @@
 # Usage: bash scripts/run_eval_match_images.sh IMAGES_PATH CHECKPOINT [DEVICES] [--key=value ...]
 #   DEVICES: device ids, e.g. "0" (the first one is used; two images need no more).
 #   Extra --key=value arguments override delf_config.yaml (e.g. --extraction.use_pca=false).
+#   Two images run in PyNative mode (graph mode would compile once per pyramid shape).
 # Writes eval_match.png, extract_feature.log and match_images.log in OUTPUT_DIR (default: .).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +28,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" GLOG_v=${GLOG_v:-3}
 echo "== extracting features (log: $OUTPUT_DIR/extract_feature.log)"
 "$PYTHON" -m src.extract_feature --images_path "$IMAGES_PATH" --list_images_path "$LIST" \
     --ckpt_path "$CHECKPOINT" --output_path "$OUTPUT_DIR/match_features.h5" \
-    --log_path "$OUTPUT_DIR/extract_feature.log" --device_id="$DEVICE_ID" "$@"
+    --log_path "$OUTPUT_DIR/extract_feature.log" --device_id="$DEVICE_ID" --mode=pynative "$@"
 echo "== matching (log: $OUTPUT_DIR/match_images.log)"
 "$PYTHON" -m src.match_images --images_path "$IMAGES_PATH" --list_images_path "$LIST" \
     --features_path "$OUTPUT_DIR/match_features.h5" --output_image "$OUTPUT_DIR/eval_match.png" \

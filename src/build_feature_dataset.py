@@ -56,7 +56,7 @@ def _worker(worker_index: int, device_id: int, jobs: list[tuple], config: DelfCo
     from src.extract_utils_np import load_pca
 
     setup_logging(log_path)
-    target = setup_device(config.device_target, device_id, graph_mode=False)
+    target = setup_device(config.device_target, device_id, graph_mode=config.mode == "graph")
     model = load_extraction_model(ckpt_path, target, config.conv_impl, config.bn_epsilon,
                                   config.use_autoencoder, config.autoencoder_dim, config.seed)
     settings = config.extraction

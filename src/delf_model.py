@@ -9,9 +9,12 @@ States:
 - "attn":   images -> (attention-classifier logits, autoencoder reconstruction loss or 0);
 - "test":   images -> (attention_scores (N,1,h,w), block3 features (N,1024,h,w)).
 
-Convolutions have two numerically equal implementations: MindSpore's native kernels (for
-Ascend/GPU and for export) and an im2col + matmul formulation that is far faster on CPU,
-where MindSpore 2.10's native 3x3 and 7x7 kernels run at about 1 GFLOP/s.
+Convolutions have two numerically equal implementations: MindSpore's native kernels (the
+default everywhere, and what export uses) and an im2col + matmul formulation. On CPU the native
+kernels are fast only with oneDNN capped at AVX2 (model_utils/device.py does that): on AVX-512
+machines MindSpore 2.10's oneDNN otherwise falls back to its reference kernel for every
+convolution but 1x1 stride 1 (about 0.1 GFLOP/s). The matmul form is the fallback where that cap
+cannot apply; it is faster than uncapped native kernels in PyNative mode, slower in graph mode.
 """
 
 from __future__ import annotations
@@ -86,12 +89,8 @@ class Conv2d(nn.Cell):
             columns = x[:, :, ::s, ::s] if s > 1 else x
             columns = columns.reshape(n, c, out_h * out_w)
         else:
-            # Column order (c, i, j) matches weight.reshape(O, I * kh * kw).
-            shifted = []
-            for i in range(k):
-                for j in range(k):
-                    shifted.append(x[:, :, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s])
-            columns = ops.stack(shifted, axis=2).reshape(n, c * k * k, out_h * out_w)
+            # Rows ordered (c, i, j), matching weight.reshape(O, I * kh * kw).
+            columns = ops.unfold(x, kernel_size=k, dilation=1, padding=0, stride=s)
         y = ops.matmul(self.weight.reshape(self.out_channels, -1), columns)
         return y.reshape(n, self.out_channels, out_h, out_w) + self.bias.reshape(1, -1, 1, 1)
 
@@ -254,9 +253,9 @@ class DelfModel(nn.Cell):
 
 
 def resolve_conv_impl(conv_impl: str, device_target: str) -> str:
-    """'auto' picks the im2col + matmul path on CPU and the native kernels elsewhere."""
+    """'auto' is the native kernels on every device (fast on CPU once oneDNN is capped at AVX2)."""
     if conv_impl == "auto":
-        return "matmul" if device_target == "CPU" else "native"
+        return "native"
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be auto, native or matmul, got {conv_impl!r}")
     return conv_impl

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_image", default="eval_match.png", help="figure to write")
     config, args = get_config_and_args(argv, parser)
     settings = config.extraction
+    # Two images, 14 distinct shapes: PyNative beats compiling a graph per shape.
     target = setup_device(config.device_target, config.device_id, graph_mode=False)
     if not args.ckpt_path:
         print("NOTE: no trained DELF checkpoint given (--ckpt_path): the network runs on UNTRAINED, seeded "

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
 
         names = list(read_image_pair_list(args.list_images_path))
     image_paths = find_images(args.images_path, names)
-    target = setup_device(config.device_target, config.device_id, graph_mode=False)
+    # Graph mode compiles once per input shape (4-17 s on CPU), then runs 3-5x faster than
+    # PyNative: right for data sets with few distinct image sizes, wrong for a handful of images.
+    target = setup_device(config.device_target, config.device_id, graph_mode=config.mode == "graph")
     model = load_extraction_model(args.ckpt_path, target, config.conv_impl, config.bn_epsilon,
                                   config.use_autoencoder, config.autoencoder_dim, config.seed)
     settings = config.extraction

@@ -31,3 +31,17 @@ def mindspore_cpu():
     from model_utils.device import setup_device
 
     setup_device("CPU", graph_mode=False)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A DELF checkpoint (state 'test') with seeded random weights, in the format training writes."""
+    import mindspore
+
+    from src.delf_model import KERAS1_BN_EPSILON, DelfModel
+
+    mindspore.set_seed(0)
+    model = DelfModel("test")
+    path = tmp_path_factory.mktemp("checkpoint") / "delf_random.ckpt"
+    mindspore.save_checkpoint(model, str(path), append_dict={"bn_epsilon": KERAS1_BN_EPSILON})
+    return path

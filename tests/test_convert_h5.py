@@ -61,7 +61,7 @@ def test_conversion_matches_independent_numpy_forward(tmp_path, keras_arrays, ph
     reference = numpy_block3(photo, keras_arrays, epsilon)
     images = Tensor(photo.astype(np.float32).transpose(2, 0, 1)[None].copy())
     for source in (ckpt_path, h5_path):  # train.py may start from either
-        model = build_model("test", weights_path=str(source), conv_impl="matmul")
+        model = build_model("test", weights_path=str(source))
         model.set_train(False)
         _, features = model(images)
         features = features.asnumpy()[0].transpose(1, 2, 0)

@@ -1,5 +1,7 @@
 """src/delf_model.py: shapes, the two convolution implementations, states and frozen parameters."""
 
+import os
+
 import mindspore
 import numpy as np
 import pytest
@@ -38,8 +40,13 @@ def _photo(images_dir, height, width):
     return Tensor(normalize_images(image[None]))
 
 
+def test_cpu_setup_caps_onednn_at_avx2():
+    # Without the cap, MindSpore 2.10's oneDNN runs 3x3/7x7/strided convs on its reference kernel.
+    assert os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2"
+
+
 def test_block3_is_stride_32_with_1024_channels_at_321():
-    model = DelfModel("test", conv_impl="matmul")
+    model = DelfModel("test")
     model.set_train(False)
     scores, features = model(Tensor(np.zeros((1, 3, 321, 321), np.float32)))
     assert scores.shape == (1, 1, 10, 10)
@@ -49,7 +56,7 @@ def test_block3_is_stride_32_with_1024_channels_at_321():
 
 @pytest.mark.parametrize("height, width", [(97, 131), (200, 67), (64, 64), (33, 45)])
 def test_odd_sizes(height, width):
-    model = DelfModel("test", conv_impl="matmul")
+    model = DelfModel("test")
     model.set_train(False)
     scores, features = model(Tensor(np.zeros((2, 3, height, width), np.float32)))
     expected = (block3_output_size(height), block3_output_size(width))
@@ -101,9 +108,9 @@ def test_whole_network_native_and_matmul_agree_on_a_photo(images_dir):
 
 
 def test_conv_impl_follows_the_device():
-    assert resolve_conv_impl("auto", "CPU") == "matmul"
+    assert resolve_conv_impl("auto", "CPU") == "native"
     assert resolve_conv_impl("auto", "Ascend") == "native"
-    assert resolve_conv_impl("native", "CPU") == "native"
+    assert resolve_conv_impl("matmul", "CPU") == "matmul"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("winograd", "CPU")
 
@@ -142,7 +149,7 @@ def test_test_state_has_no_classifier_and_nothing_trainable():
 
 def test_tuning_pools_the_whole_block4_map(images_dir):
     """The MindSpore reference averaged only a 7x7 corner of the 10x10 block4 map."""
-    model = DelfModel("tuning", num_classes=5, conv_impl="matmul")
+    model = DelfModel("tuning", num_classes=5)
     _randomize(model, seed=1)
     model.set_train(False)
     images = _photo(images_dir, 321, 321)
@@ -159,7 +166,7 @@ def test_tuning_pools_the_whole_block4_map(images_dir):
 
 
 def test_attn_forward_and_attention_pooling(images_dir):
-    model = DelfModel("attn", num_classes=5, conv_impl="matmul")
+    model = DelfModel("attn", num_classes=5)
     _randomize(model, seed=2)
     model.set_train(False)
     images = _photo(images_dir, 129, 129)
@@ -176,7 +183,7 @@ def test_attn_forward_and_attention_pooling(images_dir):
 
 
 def test_autoencoder_test_state_returns_reduced_features():
-    model = DelfModel("test", use_autoencoder=True, autoencoder_dim=128, conv_impl="matmul")
+    model = DelfModel("test", use_autoencoder=True, autoencoder_dim=128)
     model.set_train(False)
     scores, features = model(Tensor(np.zeros((1, 3, 97, 97), np.float32)))
     assert features.shape[1] == 128 and scores.shape[1] == 1
@@ -189,8 +196,9 @@ def test_normalize_images_convention():
     np.testing.assert_allclose(normalized.ravel(), [-1.0, 0.0, 127 / 128])
 
 
-def test_graph_mode_matches_pynative():
-    model = DelfModel("test", conv_impl="matmul")
+@pytest.mark.parametrize("conv_impl", ["native", "matmul"])
+def test_graph_mode_matches_pynative(conv_impl):
+    model = DelfModel("test", conv_impl=conv_impl)
     _randomize(model, seed=3)
     model.set_train(False)
     images = Tensor(np.random.default_rng(4).uniform(-1, 1, (1, 3, 70, 90)).astype(np.float32))

@@ -26,7 +26,7 @@ KEEP_ALL = dict(score_threshold=0.0, use_pca=False)
 @pytest.fixture(scope="module")
 def model():
     mindspore.set_seed(0)
-    network = DelfModel("test", conv_impl="matmul")
+    network = DelfModel("test")
     network.set_train(False)
     return network
 
