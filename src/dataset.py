@@ -24,7 +24,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -450,21 +450,23 @@ def _recall_at(ranks: np.ndarray, gnd: Sequence[dict], kappas: np.ndarray) -> np
 
 
 def evaluate(
-    ranks: np.ndarray, ground_truth: GroundTruth, kappas: Iterable[int] = DEFAULT_KAPPAS
+    ranks: np.ndarray | Mapping[str, np.ndarray], ground_truth: GroundTruth, kappas: Iterable[int] = DEFAULT_KAPPAS
 ) -> dict[str, Any]:
     """mAP, per-query AP, mean precision@k and mean recall@k for the easy, medium and hard protocols.
 
-    Returns {"dataset", "qimlist", "kappas", "protocols": {protocol: {"mAP", "aps", "mP@k",
-    "mR@k", "num_evaluated"}}}; all values are fractions in [0, 1].
+    `ranks` is one ranking for all protocols, or one per protocol (junk-aware re-ranking differs
+    between them). Returns {"dataset", "qimlist", "kappas", "protocols": {protocol: {"mAP", "aps",
+    "mP@k", "mR@k", "num_evaluated"}}}; all values are fractions in [0, 1].
     """
     kappas = _check_kappas(kappas)
-    ranks = _check_ranks(ranks, len(ground_truth["gnd"]), len(ground_truth["imlist"]))
     protocols = {}
     for protocol in PROTOCOLS:
+        protocol_ranks = ranks[protocol] if isinstance(ranks, Mapping) else ranks
+        protocol_ranks = _check_ranks(protocol_ranks, len(ground_truth["gnd"]), len(ground_truth["imlist"]))
         gnd = protocol_ground_truth(ground_truth["gnd"], protocol)
-        mean_ap, aps, mean_precision, _ = compute_map(ranks, gnd, kappas)
+        mean_ap, aps, mean_precision, _ = compute_map(protocol_ranks, gnd, kappas)
         evaluated = ~np.isnan(aps)
-        recalls = _recall_at(ranks, gnd, kappas)[evaluated]
+        recalls = _recall_at(protocol_ranks, gnd, kappas)[evaluated]
         protocols[protocol] = {
             "mAP": mean_ap,
             "aps": aps,

@@ -470,3 +470,15 @@ def test_all_protocols_equal_revisitop_loops(oxford: dict):
         )
         assert results["protocols"][protocol]["mAP"] == pytest.approx(expected_map, abs=1e-12)
         np.testing.assert_allclose(results["protocols"][protocol]["mP@k"], expected_precision, atol=1e-12)
+
+
+def test_evaluate_scores_each_protocol_with_its_own_ranking():
+    ground_truth = {"dataset": "toy", "imlist": ["a", "b", "c"], "qimlist": ["q"],
+                    "gnd": [{"bbx": [0, 0, 1, 1], "easy": [0], "hard": [1], "junk": []}]}
+    good_for_easy = np.array([[0], [2], [1]])
+    good_for_hard = np.array([[1], [2], [0]])
+    per_protocol = evaluate({"easy": good_for_easy, "medium": good_for_easy, "hard": good_for_hard}, ground_truth)
+    assert per_protocol["protocols"]["easy"]["mAP"] == pytest.approx(1.0)
+    assert per_protocol["protocols"]["hard"]["mAP"] == pytest.approx(1.0)
+    single = evaluate(good_for_easy, ground_truth)
+    assert single["protocols"]["hard"]["mAP"] < 1.0

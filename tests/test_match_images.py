@@ -403,3 +403,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, images_dir, capsys, extra, 
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and message in error and "\n" not in error
+
+
+def test_brute_force_neighbours_equal_the_kdtree():
+    rng = np.random.default_rng(7)
+    descriptors_1 = unit_rows(rng.standard_normal((700, 40)))
+    noisy = descriptors_1[rng.choice(700, 400)] + 0.08 * rng.standard_normal((400, 40))
+    descriptors_2 = unit_rows(np.concatenate([noisy, rng.standard_normal((300, 40))]))
+    for threshold in (0.5, 0.8, 1.2):
+        kdtree = find_putative_matches(descriptors_1, descriptors_2, threshold, "kdtree")
+        brute = find_putative_matches(descriptors_1, descriptors_2, threshold, "brute")
+        assert len(kdtree[0]) > 100
+        np.testing.assert_array_equal(kdtree[0], brute[0])
+        np.testing.assert_array_equal(kdtree[1], brute[1])
+    with pytest.raises(InputError, match="nearest-neighbour method"):
+        find_putative_matches(descriptors_1, descriptors_2, 0.8, "annoy")

@@ -1,0 +1,117 @@
+"""End-to-end retrieval on real photos: run_eval_retrieval_images.sh with classic and revisited gt.
+
+The database is built from the real photos in ../shared/data/images (the Sacre-Coeur set, an
+Oxford query and its positive, unrelated photos). Weights are random, so the checks are ones
+that hold for any weights: each query's bbx is a stride-aligned crop of a database image, which
+therefore comes first; fast and exhaustive retrieval agree on the top results; both gt formats
+give the same ranking; mAP.txt has the reference's layout.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.dataset import load_ground_truth
+from src.feature_io import FeatureStore
+from src.perform_retrieval import retrieve
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Small pyramid and images: minutes, not hours, on 2 CPU cores.
+FAST_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.max_image_size=320",
+                 "--extraction.score_threshold=0", "--extraction.use_pca=false", "--mode=pynative"]
+# name -> query bbx [x1, y1, x2, y2] in original pixels, offsets multiples of 32 after the
+# max_image_size=320 resize (the photos are 1024 px wide: factor 0.3125, so 102.4 px -> 32 px).
+QUERIES = {"sacre_coeur1": [102.4, 102.4, 1024, 731], "all_souls_000013": [0, 204.8, 768, 1024]}
+POSITIVES = {"sacre_coeur1": (["sacre_coeur1", "sacre_coeur2"], [p.stem for p in sorted(
+    (Path(__file__).resolve().parents[2] / "shared/data/images/sacre_coeur_db").glob("*.jpg"))][:3]),
+             "all_souls_000013": (["all_souls_000013"], ["all_souls_000055"])}
+DISTRACTORS = ["butterfly", "squirrel_cls", "building", "leuvenA"]
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory, shared_data):
+    """Images flat in one folder plus both ground-truth forms."""
+    root = tmp_path_factory.mktemp("retrieval")
+    images = root / "images"
+    images.mkdir()
+    names = set(DISTRACTORS)
+    for easy, hard in POSITIVES.values():
+        names.update(easy + hard)
+    for name in sorted(names):
+        source = next((shared_data / "images").rglob(f"{name}.*"))
+        shutil.copy(source, images / source.name)
+    imlist = sorted(names)
+    gt_dir = root / "gt"
+    gt_dir.mkdir()
+    gnd = []
+    for query, bbx in QUERIES.items():
+        easy, hard = POSITIVES[query]
+        (gt_dir / f"{query}_1_query.txt").write_text(f"oxc1_{query} {' '.join(map(str, bbx))}\n")
+        (gt_dir / f"{query}_1_good.txt").write_text("\n".join(easy) + "\n")
+        (gt_dir / f"{query}_1_ok.txt").write_text("\n".join(hard) + "\n")
+        (gt_dir / f"{query}_1_junk.txt").write_text("")
+        gnd.append({"bbx": np.array(bbx), "easy": np.array([imlist.index(n) for n in easy]),
+                    "hard": np.array([imlist.index(n) for n in hard]), "junk": np.array([], dtype=np.int64)})
+    pkl = root / "gnd_roxford5k.pkl"
+    with open(pkl, "wb") as stream:
+        pickle.dump({"imlist": imlist, "qimlist": sorted(QUERIES), "gnd": [gnd[list(QUERIES).index(q)]
+                                                                           for q in sorted(QUERIES)]}, stream)
+    return {"images": images, "gt_dir": gt_dir, "pkl": pkl, "imlist": imlist}
+
+
+@pytest.fixture(scope="module")
+def evaluated(database, random_checkpoint, tmp_path_factory):
+    output = tmp_path_factory.mktemp("eval_output")
+    env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(output)}
+    done = subprocess.run(["bash", "scripts/run_eval_retrieval_images.sh", str(database["images"]),
+                           str(database["gt_dir"]), str(random_checkpoint), "0", *FAST_SETTINGS],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output, done.stdout
+
+
+@pytest.mark.slow
+def test_map_txt_in_reference_format(evaluated):
+    output, stdout = evaluated
+    text = (output / "mAP.txt").read_text()
+    for protocol in ("easy", "hard", "medium"):
+        assert f"{protocol}\n  mAP=" in text
+    assert "mP@k[10 20 30 40 50 60 70 80 90]" in text and "mR@k[10 20 30 40 50 60 70 80 90]" in text
+    assert [line for line in text.splitlines() if not line.startswith(" ")] == ["easy", "hard", "medium"]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0.0 <= metrics["protocols"]["medium"]["mAP"] <= 1.0
+    for name in ("extract_feature.log", "retrieval.log", "calculate_mAP.log", "ranks_medium.npy"):
+        assert (output / name).is_file(), name
+    assert "mAP=" in stdout
+
+
+@pytest.mark.slow
+def test_query_crop_finds_its_own_image_first_and_modes_agree(evaluated, database):
+    output, _ = evaluated
+    ground_truth = load_ground_truth(database["gt_dir"], database["imlist"])
+    fast = np.load(output / "ranks_medium.npy", allow_pickle=False)
+    assert fast.shape == (len(database["imlist"]), len(QUERIES))
+    assert all(sorted(column) == list(range(len(database["imlist"]))) for column in fast.T)
+    for column, query in enumerate(ground_truth["qimlist"]):
+        assert database["imlist"][fast[0, column]] == query
+    with FeatureStore(output / "features" / "query_features.h5") as queries, \
+            FeatureStore(output / "features" / "index_features.h5") as index:
+        exhaustive = retrieve(queries, index, ground_truth, mode="exhaustive", progress=False)
+        revisited = retrieve(queries, index, load_ground_truth(database["pkl"]), mode="fast", progress=False)
+    np.testing.assert_array_equal(exhaustive["medium"][0], fast[0])
+    np.testing.assert_array_equal(revisited["medium"], fast)
+
+
+def test_retrieval_script_one_line_errors(tmp_path, database, random_checkpoint):
+    env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path)}
+    done = subprocess.run(["bash", "scripts/run_eval_retrieval_images.sh", str(database["images"]),
+                           str(tmp_path / "absent_gt"), str(random_checkpoint), "0"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: ground truth not found: {tmp_path / 'absent_gt'}"

@@ -1,0 +1,466 @@
+"""Tests for src/perform_retrieval.py: neighbour search, voting, junk-aware re-ranking, both modes, the CLI.
+
+The feature stores are synthetic but built like a landmark database: a few "scenes" (pools of
+40-D unit descriptors at fixed places); database images and queries are random affine views of a
+scene (part of its points, moved, with pixel and descriptor noise) plus clutter features; other
+scenes provide distractor images. Each query scene has easy, hard and junk views in the ground
+truth, so the protocols differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+import src.perform_retrieval as retrieval
+from src.dataset import evaluate, protocol_ground_truth
+from src.errors import InputError
+from src.feature_io import FeatureStore, LocalFeatures
+from src.match_images import match_features
+from src.perform_retrieval import (
+    build_descriptor_index,
+    find_neighbors,
+    main,
+    rerank_by_inliers,
+    retrieve,
+    save_ranks,
+    vote_scores,
+)
+
+DIM = 40
+SCENE_POINTS = 160
+NUM_QUERY_SCENES = 3
+NUM_DISTRACTOR_SCENES = 6
+ROLES = ("easy", "easy", "hard", "hard", "junk")  # views of each query scene in the database
+SHORTLIST = 4
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_features(locations: np.ndarray, descriptors: np.ndarray) -> LocalFeatures:
+    ones = np.ones(len(locations), np.float32)
+    locations = np.asarray(locations, np.float32).reshape(-1, 2)
+    return LocalFeatures(locations, ones, np.asarray(descriptors, np.float32), ones)
+
+
+def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return rng.uniform((0, 0), (600, 800), (SCENE_POINTS, 2)), unit_rows(rng.normal(size=(SCENE_POINTS, DIM)))
+
+
+def make_view(scene, rng: np.random.Generator, visible: float = 0.5, clutter: int = 40) -> LocalFeatures:
+    """A random affine view of `visible` of the scene points plus `clutter` unrelated features."""
+    locations, descriptors = scene
+    chosen = rng.choice(SCENE_POINTS, int(visible * SCENE_POINTS), replace=False)
+    angle, scale = rng.uniform(-0.4, 0.4), rng.uniform(0.75, 1.3)
+    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = locations[chosen] @ linear.T + rng.uniform(-60, 60, 2) + rng.normal(0, 1.5, (len(chosen), 2))
+    noise = rng.uniform(0.04, 0.1, (len(chosen), 1)) * rng.normal(size=(len(chosen), DIM))
+    all_locations = np.concatenate([moved, rng.uniform((0, 0), (600, 800), (clutter, 2))])
+    clutter_descriptors = unit_rows(rng.normal(size=(clutter, DIM)))
+    all_descriptors = np.concatenate([unit_rows(descriptors[chosen] + noise), clutter_descriptors])
+    order = rng.permutation(len(all_locations))
+    return make_features(all_locations[order], all_descriptors[order])
+
+
+def empty_features() -> LocalFeatures:
+    return make_features(np.zeros((0, 2)), np.zeros((0, DIM)))
+
+
+def build_world(directory: Path, seed: int = 0) -> dict:
+    """Database + query stores and revisitop-style ground truth; database order is shuffled."""
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(rng) for _ in range(NUM_QUERY_SCENES + NUM_DISTRACTOR_SCENES)]
+    database = {}
+    for scene in range(NUM_QUERY_SCENES):
+        for view, role in enumerate(ROLES):
+            database[f"scene{scene}_{role}{view}"] = make_view(scenes[scene], rng)
+    for scene in range(NUM_QUERY_SCENES, len(scenes)):
+        for view in range(2):
+            database[f"other{scene}_{view}"] = make_view(scenes[scene], rng)
+    database["blank"] = empty_features()  # an image in which extraction kept nothing
+    imlist = list(rng.permutation(sorted(database)))
+    queries = {f"query{scene}": make_view(scenes[scene], rng) for scene in range(NUM_QUERY_SCENES)}
+    qimlist = sorted(queries)
+    gnd = [
+        {
+            role: [i for i, name in enumerate(imlist) if name.startswith(f"scene{scene}_{role}")]
+            for role in ("easy", "hard", "junk")
+        }
+        | {"bbx": [0.0, 0.0, 800.0, 600.0]}
+        for scene in range(NUM_QUERY_SCENES)
+    ]
+    for path, features in ((directory / "index.h5", database), (directory / "query.h5", queries)):
+        with FeatureStore(path) as store:
+            for name, feats in features.items():
+                store.put(name, feats, image_size=(600, 800), settings_hash="synthetic")
+    ground_truth = {"dataset": "synthetic", "imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+    return {"dir": directory, "database": database, "queries": queries, "ground_truth": ground_truth}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def run(world: dict, **settings) -> dict[str, np.ndarray]:
+    with FeatureStore(world["dir"] / "query.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
+        return retrieve(queries, index, world["ground_truth"], progress=False, **settings)
+
+
+@pytest.fixture(scope="module")
+def fast_ranks(world) -> dict[str, np.ndarray]:
+    return run(world, mode="fast", shortlist_size=SHORTLIST)
+
+
+@pytest.fixture(scope="module")
+def exhaustive_ranks(world) -> dict[str, np.ndarray]:
+    return run(world, mode="exhaustive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbour search and votes
+# ----------------------------------------------------------------------------------------------
+
+
+def kdtree_neighbors(database: np.ndarray, queries: np.ndarray, k: int, threshold: float) -> set:
+    """Independent reference: scipy's KD-tree with the same k and distance bound."""
+    distances, rows = cKDTree(database).query(queries, k=k, distance_upper_bound=threshold)
+    found = np.isfinite(distances)
+    query_ids = np.nonzero(found)[0]
+    return set(zip(query_ids.tolist(), rows[found].tolist(), strict=True))
+
+
+def clustered_descriptors(rng: np.random.Generator, count: int, centres: int = 30) -> np.ndarray:
+    """Unit descriptors around a few centres, so many pairs fall within 0.8 of each other."""
+    base = unit_rows(rng.normal(size=(centres, DIM)))
+    return unit_rows(base[rng.integers(0, centres, count)] + 0.1 * rng.normal(size=(count, DIM)))
+
+
+@pytest.mark.parametrize("block_elements", [1 << 24, 4096])  # one block / many blocks, pruned as they pile up
+def test_exact_search_matches_kdtree_reference(monkeypatch, block_elements):
+    monkeypatch.setattr(retrieval, "_BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(1)
+    database, queries = clustered_descriptors(rng, 3000), clustered_descriptors(rng, 200)
+    index = build_descriptor_index(database, [1000, 0, 2000], method="exact")
+    for k, threshold in ((1, 0.8), (5, 0.8), (10, 0.6)):
+        query_ids, rows, distances = find_neighbors(index, queries, k, threshold)
+        found = set(zip(query_ids.tolist(), rows.tolist(), strict=True))
+        assert found == kdtree_neighbors(database, queries, k, threshold)
+        np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
+        assert np.bincount(query_ids, minlength=len(queries)).max() <= k
+    assert index.image_of_row[999] == 0 and index.image_of_row[1000] == 2
+
+
+def test_inverted_file_is_exact_when_every_cell_is_probed_and_close_otherwise():
+    rng = np.random.default_rng(2)
+    database, queries = clustered_descriptors(rng, 4000), clustered_descriptors(rng, 300)
+    reference = kdtree_neighbors(database, queries, 10, 0.8)
+    full = build_descriptor_index(database, [4000], method="ivf", num_cells=16, num_probes=16)
+    query_ids, rows, _ = find_neighbors(full, queries, 10, 0.8)
+    # ivf rows are grouped by cell; map them back to the caller's rows through the descriptors
+    original = {row.tobytes(): i for i, row in enumerate(database)}
+    mapped = [original[full.descriptors[row].tobytes()] for row in rows]
+    assert set(zip(query_ids.tolist(), mapped, strict=True)) == reference
+    probed = dataclasses.replace(full, num_probes=4)
+    query_ids, rows, distances = find_neighbors(probed, queries, 10, 0.8)
+    mapped = [original[probed.descriptors[row].tobytes()] for row in rows]
+    found = set(zip(query_ids.tolist(), mapped, strict=True))
+    assert len(found & reference) >= 0.8 * len(reference)
+    true_distances = np.linalg.norm(queries[query_ids] - probed.descriptors[rows], axis=1)
+    np.testing.assert_allclose(distances, true_distances, atol=1e-5)
+
+
+def test_votes_once_per_image_normalised_by_sqrt_of_its_size():
+    rng = np.random.default_rng(3)
+    anchor = unit_rows(rng.normal(size=(2, DIM)))
+    filler = unit_rows(rng.normal(size=(96, DIM)))
+    # image 0: 4 descriptors, three copies of anchor 0; image 1: none;
+    # image 2: anchor 1 + 96 unrelated + a near copy of anchor 0
+    image_0 = np.concatenate([anchor[[0, 0, 0]], unit_rows(rng.normal(size=(1, DIM)))])
+    image_2 = np.concatenate([anchor[[1]], filler, unit_rows(anchor[[0]] + 0.01 * rng.normal(size=(1, DIM)))])
+    index = build_descriptor_index(np.concatenate([image_0, image_2]), [4, 0, 98], method="exact")
+    scores = vote_scores(index, anchor, num_neighbors=10, distance_threshold=0.5)
+    # query 0 hits image 0 three times (one vote) and image 2 once; query 1 hits image 2 only
+    np.testing.assert_allclose(scores, [1 / np.sqrt(4), 0.0, 2 / np.sqrt(98)])
+    # k=1: query 0's nearest neighbours are the exact copies in image 0, so image 2 loses that vote
+    nearest = vote_scores(index, anchor, num_neighbors=1, distance_threshold=0.5)
+    np.testing.assert_allclose(nearest, [1 / np.sqrt(4), 0.0, 1 / np.sqrt(98)])
+    with pytest.raises(InputError, match="query descriptors are 8-D but the database's are 40-D"):
+        vote_scores(index, np.ones((2, 8), np.float32))
+
+
+def test_empty_inputs_give_no_votes():
+    index = build_descriptor_index(np.zeros((0, DIM), np.float32), [0, 0], method="auto")
+    assert vote_scores(index, unit_rows(np.ones((3, DIM)))).tolist() == [0.0, 0.0]
+    index = build_descriptor_index(unit_rows(np.ones((2, DIM))), [2], method="ivf")
+    assert vote_scores(index, np.zeros((0, DIM), np.float32)).tolist() == [0.0]
+    with pytest.raises(InputError, match="adds up to 3, but there are 2 descriptors"):
+        build_descriptor_index(np.ones((2, DIM)), [3])
+    with pytest.raises(InputError, match="nearest-neighbour method"):
+        build_descriptor_index(np.ones((2, DIM)), [2], method="annoy")
+
+
+class FakeFaiss(types.ModuleType):
+    """faiss's documented search contract in NumPy (squared L2, -1 / huge distance for no result),
+    so the faiss branch is exercised where faiss is not installed."""
+
+    def __init__(self):
+        super().__init__("faiss")
+        self.__spec__ = importlib.machinery.ModuleSpec("faiss", None)
+        self.calls = []
+        fake = self
+
+        class IndexFlatL2:
+            def __init__(self, dim):
+                self.data, self.nprobe = np.zeros((0, dim), np.float32), 1
+                fake.calls.append(type(self).__name__)
+
+            def train(self, data):
+                fake.calls.append("train")
+
+            def add(self, data):
+                self.data = np.concatenate([self.data, data])
+
+            def search(self, queries, k):
+                squared = ((queries[:, None, :] - self.data[None]) ** 2).sum(-1)
+                rows = np.argsort(squared, axis=1)[:, :k]
+                distances = np.take_along_axis(squared, rows, axis=1)
+                missing = np.zeros((len(queries), k - rows.shape[1]))
+                return np.hstack([distances, missing + 3.4e38]), np.hstack([rows, missing - 1]).astype(np.int64)
+
+        class IndexIVFFlat(IndexFlatL2):
+            def __init__(self, quantizer, dim, cells):
+                super().__init__(dim)
+
+        self.IndexFlatL2, self.IndexIVFFlat = IndexFlatL2, IndexIVFFlat
+
+
+def test_faiss_branch_follows_the_faiss_contract(monkeypatch):
+    fake = FakeFaiss()
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setattr(retrieval, "EXACT_SEARCH_MAX_ROWS", 500)
+    rng = np.random.default_rng(4)
+    database, queries = clustered_descriptors(rng, 600), clustered_descriptors(rng, 50)
+    assert retrieval.faiss_available()
+    index = build_descriptor_index(database, [300, 300])  # auto picks faiss when importable
+    assert index.method == "faiss" and fake.calls == ["IndexFlatL2", "IndexIVFFlat", "train"]
+    query_ids, rows, distances = find_neighbors(index, queries, 20, 0.7)
+    assert set(zip(query_ids.tolist(), rows.tolist(), strict=True)) == kdtree_neighbors(database, queries, 20, 0.7)
+    np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
+    tiny = build_descriptor_index(database[:3], [3], method="faiss")  # fewer rows than k: padded with -1
+    assert len(find_neighbors(tiny, queries, 10, 2.5)[0]) == 3 * len(queries)
+
+
+# ----------------------------------------------------------------------------------------------
+# Junk-aware re-ranking (hand-computed)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rerank_by_inliers_hand_computed():
+    scores = np.array([0.9, 0.1, 0.8, 0.5, 0.5, 0.7, 0.0])
+    inliers = {0: 0, 2: 12, 3: 30, 4: 7, 5: 40}
+    asked = []
+
+    def count(image):
+        asked.append(image)
+        return inliers[image]
+
+    # vote order 0, 2, 5, 3, 4, 1, 6; junk {5}: shortlist of 3 = 0, 2, 3
+    order = rerank_by_inliers(scores, [5], 3, count)
+    assert sorted(asked) == [0, 2, 3]
+    # inliers 3:30, 2:12, then 0-inlier images by score: 0 (0.9, verified), 5 (0.7, junk), 4/1/6;
+    # 4 and 3 tie on score but 3 was verified; 4 is not
+    assert order.tolist() == [3, 2, 0, 5, 4, 1, 6]
+    asked.clear()
+    # without junk, 5 is verified and its 40 inliers put it first
+    assert rerank_by_inliers(scores, [], 3, count).tolist() == [5, 2, 0, 3, 4, 1, 6]
+    assert rerank_by_inliers(scores, [], 0, count).tolist() == [0, 2, 5, 3, 4, 1, 6]
+    # equal scores and no inliers: database order
+    assert rerank_by_inliers(np.zeros(4), [], 2, lambda image: 0).tolist() == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval over feature stores
+# ----------------------------------------------------------------------------------------------
+
+
+def positives(world: dict, protocol: str) -> list[np.ndarray]:
+    return [entry["ok"] for entry in protocol_ground_truth(world["ground_truth"]["gnd"], protocol)]
+
+
+def test_ranks_layout_is_a_permutation_per_query(world, fast_ranks, exhaustive_ranks):
+    num_images, num_queries = len(world["ground_truth"]["imlist"]), len(world["ground_truth"]["qimlist"])
+    for ranks in (fast_ranks, exhaustive_ranks):
+        assert set(ranks) == set(PROTOCOLS)
+        for protocol in PROTOCOLS:
+            assert ranks[protocol].shape == (num_images, num_queries)
+            assert np.issubdtype(ranks[protocol].dtype, np.integer)
+            np.testing.assert_array_equal(np.sort(ranks[protocol], axis=0), np.arange(num_images)[:, None].repeat(3, 1))
+
+
+def test_fast_and_exhaustive_agree_and_rank_positives_first(world, fast_ranks, exhaustive_ranks):
+    ok = positives(world, "medium")
+    for query in range(NUM_QUERY_SCENES):
+        # every view of the query scene (easy, hard and junk views alike) has many inliers
+        scene_views = len(ROLES)
+        top_fast = set(fast_ranks["medium"][:scene_views, query].tolist())
+        top_exhaustive = set(exhaustive_ranks["medium"][:scene_views, query].tolist())
+        assert top_exhaustive == top_fast
+        junk = protocol_ground_truth(world["ground_truth"]["gnd"], "medium")[query]["junk"]
+        assert top_fast == set(ok[query].tolist()) | set(junk.tolist())
+    for ranks in (fast_ranks, exhaustive_ranks):
+        results = evaluate(ranks["medium"], world["ground_truth"])
+        assert results["protocols"]["medium"]["mAP"] == pytest.approx(1.0)
+    for protocol in PROTOCOLS:  # each protocol's own ranking is perfect for that protocol
+        assert evaluate(fast_ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
+
+
+def test_exhaustive_orders_by_inliers_then_putative_matches(world, exhaustive_ranks):
+    imlist = world["ground_truth"]["imlist"]
+    query = world["queries"]["query1"]
+    counts = np.array(
+        [[r.num_inliers, r.num_putative] for r in (match_features(world["database"][name], query) for name in imlist)]
+    )
+    expected = np.lexsort((np.arange(len(imlist)), -counts[:, 1], -counts[:, 0]))
+    for protocol in PROTOCOLS:
+        np.testing.assert_array_equal(exhaustive_ranks[protocol][:, 1], expected)
+
+
+def test_junk_is_skipped_by_the_shortlist_per_protocol(world, fast_ranks, exhaustive_ranks):
+    gnd, imlist = world["ground_truth"]["gnd"], world["ground_truth"]["imlist"]
+    query = 0
+    hard_view, easy_views = gnd[query]["hard"][0], gnd[query]["easy"]
+    assert match_features(world["database"][imlist[hard_view]], world["queries"]["query0"]).num_inliers > 20
+    position = {p: int(np.flatnonzero(fast_ranks[p][:, query] == hard_view)[0]) for p in PROTOCOLS}
+    # easy protocol: the hard view is junk, so it is not verified and falls behind the verified
+    # images with inliers (the two easy views), although its inliers would have put it on top
+    easy_positions = [int(np.flatnonzero(fast_ranks["easy"][:, query] == e)[0]) for e in easy_views]
+    assert max(easy_positions) == 1 and position["easy"] >= 2
+    # medium and hard protocols: it is a positive, verified and among the first
+    assert position["medium"] < 4 and position["hard"] < 2
+    # exhaustive verification knows no junk: the ranking is the same for every protocol
+    assert all((exhaustive_ranks[p] == exhaustive_ranks["medium"]).all() for p in PROTOCOLS)
+    assert not (fast_ranks["easy"] == fast_ranks["medium"]).all()
+
+
+def test_ransac_runs_once_per_pair_across_protocols(world, monkeypatch):
+    calls = []
+
+    def counting_match(index_features, query_features, **settings):
+        calls.append((index_features.locations.tobytes(), query_features.locations.tobytes()))
+        return match_features(index_features, query_features, **settings)
+
+    monkeypatch.setattr(retrieval, "match_features", counting_match)
+    ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
+    assert len(calls) == len(set(calls))  # no pair verified twice
+    # each protocol needs SHORTLIST pairs per query; their shortlists overlap, so fewer calls
+    num_queries = len(world["ground_truth"]["qimlist"])
+    assert num_queries * SHORTLIST < len(calls) < len(PROTOCOLS) * num_queries * SHORTLIST
+    for protocol in PROTOCOLS:
+        assert evaluate(ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
+
+
+def test_inverted_file_path_gives_the_same_retrieval(world, fast_ranks, monkeypatch):
+    monkeypatch.setattr(retrieval, "EXACT_SEARCH_MAX_ROWS", 0)  # force the large-index path
+    monkeypatch.setattr(retrieval, "faiss_available", lambda: False)
+    ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
+    for protocol in PROTOCOLS:
+        np.testing.assert_array_equal(ranks[protocol][: len(ROLES)], fast_ranks[protocol][: len(ROLES)])
+
+
+def test_zero_feature_images(world, tmp_path, fast_ranks, exhaustive_ranks):
+    imlist = world["ground_truth"]["imlist"]
+    blank = imlist.index("blank")
+    for ranks in (fast_ranks, exhaustive_ranks):
+        assert np.flatnonzero(ranks["medium"][:, 0] == blank)[0] >= len(ROLES)
+    # a query without features: every score is 0, so the ranking is the database order
+    with FeatureStore(tmp_path / "q.h5") as store:
+        store.put("query0", empty_features(), image_size=(5, 5), settings_hash="synthetic")
+    ground_truth = dict(world["ground_truth"], qimlist=["query0"], gnd=world["ground_truth"]["gnd"][:1])
+    with FeatureStore(tmp_path / "q.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
+        for mode in ("fast", "exhaustive"):
+            ranks = retrieve(queries, index, ground_truth, mode=mode, shortlist_size=SHORTLIST, progress=False)
+            assert ranks["hard"][:, 0].tolist() == list(range(len(imlist)))
+
+
+def test_missing_images_and_bad_settings(world):
+    ground_truth = world["ground_truth"]
+    with FeatureStore(world["dir"] / "query.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
+        missing_database = dict(ground_truth, imlist=[*ground_truth["imlist"], "ghost_image"])
+        message = r"1 database image\(s\) have no features in .*index\.h5, e\.g\. 'ghost_image'"
+        with pytest.raises(InputError, match=message):
+            retrieve(queries, index, missing_database, progress=False)
+        missing_query = dict(ground_truth, qimlist=["query0", "query9"], gnd=ground_truth["gnd"][:2])
+        with pytest.raises(InputError, match=r"1 query image\(s\) have no features in .*query\.h5, e\.g\. 'query9'"):
+            retrieve(queries, index, missing_query, progress=False)
+        with pytest.raises(InputError, match="mode must be one of fast, exhaustive, got 'slow'.*num_neighbors"):
+            retrieve(queries, index, ground_truth, mode="slow", num_neighbors=0, progress=False)
+
+
+def test_save_ranks_round_trip(tmp_path, fast_ranks):
+    paths = save_ranks(fast_ranks, tmp_path / "out")
+    assert [p.name for p in paths] == [f"ranks_{p}.npy" for p in PROTOCOLS]
+    for protocol, path in zip(PROTOCOLS, paths, strict=True):
+        np.testing.assert_array_equal(np.load(path, allow_pickle=False), fast_ranks[protocol])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temp files
+    with pytest.raises(InputError, match="unknown protocol 'medium_gv'"):
+        save_ranks({"medium_gv": fast_ranks["medium"]}, tmp_path)
+    with pytest.raises(InputError, match="2-D integer array"):
+        save_ranks({"easy": fast_ranks["easy"].astype(float)}, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def write_classic_ground_truth(world: dict, gt_dir: Path, images_dir: Path) -> None:
+    """The world's ground truth as Oxford-style txt files, plus empty image files naming the database."""
+    gt_dir.mkdir()
+    images_dir.mkdir()
+    imlist = world["ground_truth"]["imlist"]
+    for name in imlist:
+        (images_dir / f"{name}.jpg").write_bytes(b"")
+    for query, entry in zip(world["ground_truth"]["qimlist"], world["ground_truth"]["gnd"], strict=True):
+        (gt_dir / f"{query}_query.txt").write_text(f"oxc1_{query} 0 0 800 600\n")
+        for role, suffix in (("easy", "good"), ("hard", "ok"), ("junk", "junk")):
+            (gt_dir / f"{query}_{suffix}.txt").write_text("".join(f"{imlist[i]}\n" for i in entry[role]))
+
+
+def test_cli_end_to_end(world, tmp_path, capsys):
+    gt_dir, images_dir, output_dir = tmp_path / "gt", tmp_path / "jpg", tmp_path / "out"
+    write_classic_ground_truth(world, gt_dir, images_dir)
+    arguments = [
+        "--query_features", str(world["dir"] / "query.h5"), "--index_features", str(world["dir"] / "index.h5"),
+        "--gt_path", str(gt_dir), "--images_path", str(images_dir), "--output_dir", str(output_dir),
+        "--shortlist_size", str(SHORTLIST),
+    ]
+    assert main(arguments) == 0
+    names = sorted(p.name for p in output_dir.iterdir())
+    assert names == ["mAP.txt", "metrics.json", "ranks_easy.npy", "ranks_hard.npy", "ranks_medium.npy", "retrieval.log"]
+    # the CLI's database order is the sorted image names, not the fixture's shuffled order
+    sorted_names = sorted(world["ground_truth"]["imlist"])
+    ranks = np.load(output_dir / "ranks_medium.npy", allow_pickle=False)
+    assert ranks.shape == (len(sorted_names), NUM_QUERY_SCENES)
+    assert {sorted_names[i].split("_")[0] for i in ranks[:4, 0]} == {"scene0"}
+    assert "mAP=100.00" in (output_dir / "mAP.txt").read_text()
+    log = (output_dir / "retrieval.log").read_text()
+    assert "query query2:" in log and "wrote" in log and "medium" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments[:3], str(tmp_path / "nope.h5"), *arguments[4:]])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: feature store {tmp_path / 'nope.h5'} not found"
+    with pytest.raises(SystemExit):
+        main([*arguments[:6], "--output_dir", str(output_dir)])  # txt gt without --images_path
+    assert "--images_path is needed" in capsys.readouterr().err
