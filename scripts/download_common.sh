@@ -65,3 +65,41 @@ extract() {
     mkdir -p "$dir"
     tar -xf "$archive" -C "$dir" && touch "$marker"
 }
+
+# fetch_tgz URL DEST: no checksums are published upstream, so an archive counts as complete only
+# once tar (and gzip's CRC) can read it to the end; an error page or a truncated file fails here.
+fetch_tgz() {
+    local url=$1 dest=$2
+    fetch "$url" "$dest"
+    [[ -f "$dest.valid" ]] && return 0
+    echo "checking $dest ..."
+    if tar -tzf "$dest" >/dev/null 2>&1; then
+        touch "$dest.valid"
+    else
+        rm -f "$dest" "$dest.done"
+        echo "error: $dest is not a readable .tgz (truncated, or an error page); removed, rerun to download it again" >&2
+        return 1
+    fi
+}
+
+# fetch_pickle URL DEST: a pickle starts with the PROTO opcode (0x80) and ends with STOP ('.').
+fetch_pickle() {
+    local url=$1 dest=$2
+    fetch "$url" "$dest"
+    if [[ $(head -c 1 "$dest" | od -An -tx1 | tr -d ' \n') != 80 \
+          || $(tail -c 1 "$dest" | od -An -tx1 | tr -d ' \n') != 2e ]]; then
+        rm -f "$dest" "$dest.done"
+        echo "error: $dest is not a pickle (an error page?); removed, rerun to download it again" >&2
+        return 1
+    fi
+}
+
+# move_files FROM TO PATTERN: archives may nest their files in folders; the evaluation wants
+# one flat directory. Safe to rerun after an interruption.
+move_files() {
+    local from=$1 to=$2 pattern=$3
+    mkdir -p "$to"
+    [[ -d "$from" ]] || return 0
+    find "$from" -type f -name "$pattern" -exec mv -f -t "$to" {} +
+    find "$from" -depth -type d -empty -delete
+}

@@ -30,7 +30,7 @@ from src.extract_utils_np import (  # noqa: E402
     select_keypoints,
 )
 from src.feature_io import FeatureStore, LocalFeatures  # noqa: E402
-from src.image_io import find_images, load_image, resize_image  # noqa: E402
+from src.image_io import crop_to_box, find_images, load_image, resize_image  # noqa: E402
 
 LOGGER = logging.getLogger("delf.extract")
 MIN_IMAGE_SIDE = 10  # smaller images give no features (as the TF reference)
@@ -95,14 +95,20 @@ class DelfExtractor:
             LOGGER.warning("%s: %dx%d is under %d px; no features", name or "image",
                            image.shape[1], image.shape[0], MIN_IMAGE_SIDE)
             return empty_features(self.output_depth)
-        locations, descriptors, scales, attention = select_keypoints(self.pyramid(image, name), self.config)
-        if len(locations) == 0:
-            LOGGER.warning("%s: no keypoint has attention >= score_threshold %g; lower "
-                           "extraction.score_threshold for this model", name or "image",
-                           self.config.score_threshold)
-        descriptors = postprocess_descriptors(descriptors, self.pca, self.config.pca_dim,
-                                              self.config.use_whitening)
-        return LocalFeatures(locations, scales, descriptors, attention)
+        return features_from_levels(self.pyramid(image, name), self.config, self.pca, name)
+
+
+def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
+                         name: str = "") -> LocalFeatures:
+    """Keypoints and final descriptors of one image from its pyramid maps (also the 310 postprocess)."""
+    if not levels:  # an image under MIN_IMAGE_SIDE
+        return empty_features(config.pca_dim if pca is not None else config.feature_depth)
+    locations, descriptors, scales, attention = select_keypoints(levels, config)
+    if len(locations) == 0:
+        LOGGER.warning("%s: no keypoint has attention >= score_threshold %g; lower "
+                       "extraction.score_threshold for this model", name or "image", config.score_threshold)
+    descriptors = postprocess_descriptors(descriptors, pca, config.pca_dim, config.use_whitening)
+    return LocalFeatures(locations, scales, descriptors, attention)
 
 
 def extract(images: Iterable[np.ndarray], model, config: ExtractionConfig,
@@ -130,8 +136,7 @@ def extract_to_store(image_paths: dict[str, Path], store: FeatureStore, extracto
     for image_id, path in tqdm(todo.items(), desc=progress_label, unit="image", disable=not progress):
         image = load_image(path)
         if crops and image_id in crops:
-            x1, y1, x2, y2 = (int(round(v)) for v in crops[image_id])
-            image = image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)]
+            image = crop_to_box(image, crops[image_id])
         features = extractor(image, name=str(path))
         store.put(image_id, features, image_size=image.shape[:2], settings_hash=settings_hash)
         LOGGER.info("%s: %d features", image_id, len(features.locations))

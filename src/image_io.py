@@ -52,6 +52,12 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
+def crop_to_box(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """The [x1, y1, x2, y2] crop of an image (query bounding boxes), rounded to whole pixels."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)]
+
+
 def find_images(images_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, Path]:
     """Image id (file name without suffix, relative to images_dir) -> path, sorted by id."""
     images_dir = Path(images_dir)

@@ -1,0 +1,69 @@
+/**
+ * The file protocol shared with src/preprocess.py, src/infer_mindir.py and src/postprocess.py.
+ *
+ * Input:  <input_dir>/<stem>_<H>x<W>.bin   raw float32, shape (1, 3, H, W); consumed (deleted).
+ * Output: <output_dir>/<stem>_<H>x<W>_attention.bin (1, 1, h, w) and ..._features.bin (1, D, h, w).
+ * preprocess writes <input_dir>/DONE when it has written everything; the runner writes
+ * <output_dir>/DONE when it has run everything. Files are written under a hidden temporary name
+ * and renamed, so a reader never sees half a file.
+ *
+ * Nothing here depends on MindSpore: the polling loop takes the network as a callback.
+ */
+#ifndef DELF_ASCEND310_INFER_INC_UTILS_H_
+#define DELF_ASCEND310_INFER_INC_UTILS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace delf {
+
+extern const char kDoneMarker[];
+extern const char *const kOutputSuffixes[2];  // attention, features: the network's outputs in order
+
+struct InputFile {
+  std::string name;  // e.g. 000003_l2_362x512.bin
+  std::string stem;  // e.g. 000003_l2
+  int64_t height = 0;
+  int64_t width = 0;
+};
+
+// Parses "<stem>_<H>x<W>.bin" (not hidden); false for any other name.
+bool ParseInputName(const std::string &name, InputFile *file);
+
+// Names of the finished input files in `dir`, sorted (hidden temporaries are skipped).
+std::vector<std::string> ListInputFiles(const std::string &dir);
+
+bool FileExists(const std::string &path);
+// mkdir -p; true when the directory exists afterwards.
+bool MakeDirectories(const std::string &path);
+std::string JoinPath(const std::string &dir, const std::string &name);
+
+// Reads exactly `count` float32 values; false (with a message) for a missing or wrong-sized file.
+bool ReadFloatFile(const std::string &path, size_t count, std::vector<float> *data, std::string *error);
+
+// Writes `size` bytes to a hidden temporary beside `path`, then renames it to `path`.
+bool WriteFileAtomically(const std::string &path, const void *data, size_t size, std::string *error);
+
+// One network output: raw float32 bytes.
+struct OutputBuffer {
+  const void *data = nullptr;
+  size_t size = 0;
+};
+
+// Runs the network on one input (1, 3, H, W); fills two outputs (attention, features), whose
+// memory must stay valid until the next call.
+using RunNetwork = std::function<bool(const InputFile &input, const std::vector<float> &data,
+                                      std::vector<OutputBuffer> *outputs, std::string *error)>;
+
+// Consumes input files (waiting for the directory to appear) until <input_dir>/DONE exists and none is left, then writes
+// <output_dir>/DONE. Gives up after `wait_timeout_s` seconds without input. Returns the number of
+// files run, or -1 after printing an error.
+int ProcessInputs(const std::string &input_dir, const std::string &output_dir, double wait_timeout_s,
+                  const RunNetwork &run);
+
+}  // namespace delf
+
+#endif  // DELF_ASCEND310_INFER_INC_UTILS_H_
