@@ -78,12 +78,12 @@ def find_putative_matches(
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     if method == "brute":
-        first = np.asarray(descriptors_1, dtype=np.float64)
-        second = np.asarray(descriptors_2, dtype=np.float64)
-        squared = (second * second).sum(1)[:, None] + (first * first).sum(1)[None, :] - 2.0 * second @ first.T
-        nearest = squared.argmin(axis=1)
-        distance = np.sqrt(np.maximum(squared[np.arange(len(second)), nearest], 0.0))
-        matched = distance < distance_threshold
+        first = np.asarray(descriptors_1, dtype=np.float32)
+        second = np.asarray(descriptors_2, dtype=np.float32)
+        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
+        nearest = (second @ first.T - 0.5 * (first * first).sum(1)).argmax(axis=1)
+        difference = second.astype(np.float64) - first[nearest].astype(np.float64)
+        matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
         return nearest[matched].astype(np.int64), np.flatnonzero(matched)
     tree = cKDTree(descriptors_1)
     _, nearest = tree.query(descriptors_2, k=1, distance_upper_bound=distance_threshold)
