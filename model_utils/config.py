@@ -53,6 +53,7 @@ class DelfConfig:
     start_iter: int = field(**_option("step to start (or resume) the learning-rate schedule at"))
     max_iters: int = field(**_option("total training steps; the learning rate reaches 0 there"))
     image_size: int = field(**_option("training crop size in pixels"))
+    use_augmentation: bool = field(**_option("random resized crops; false = resize the whole image"))
     initial_lr: float = field(**_option("learning rate at step 0"))
     attention_loss_weight: float = field(**_option("weight of the attention classifier loss"))
     reconstruction_loss_weight: float = field(**_option("weight of the autoencoder loss"))

@@ -47,6 +47,12 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def subsample(x: Tensor, stride: int) -> Tensor:
+    """Every `stride`-th row and column (x[:, :, ::s, ::s], whose PyNative gradient on CPU is broken
+    in MindSpore 2.10: "StridedSliceGrad ... input memory out of bounds")."""
+    return ops.strided_slice(x, (0, 0, 0, 0), x.shape, (1, 1, stride, stride))
+
+
 class Conv2d(nn.Cell):
     """A Keras-style conv ('same' or 'valid', with bias) with a switchable kernel implementation.
 
@@ -86,7 +92,7 @@ class Conv2d(nn.Cell):
         out_h = (height - k) // s + 1
         out_w = (width - k) // s + 1
         if k == 1:
-            columns = x[:, :, ::s, ::s] if s > 1 else x
+            columns = subsample(x, s) if s > 1 else x
             columns = columns.reshape(n, c, out_h * out_w)
         else:
             # Rows ordered (c, i, j), matching weight.reshape(O, I * kh * kw).
@@ -149,7 +155,7 @@ class ResNet50Backbone(nn.Cell):
     def construct(self, x: Tensor, with_block4: bool = True) -> tuple[Tensor, Tensor]:
         x = self.max_pool(self.relu(self.bn_conv1(self.conv1(x))))
         x = self.stage4(self.stage3(self.stage2(x)))
-        block3 = x[:, :, ::2, ::2]  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
+        block3 = subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
         if not with_block4:
             return block3, block3
         return block3, self.stage5(block3)
@@ -216,7 +222,9 @@ class DelfModel(nn.Cell):
         attention_side = ("attention.", "attn_fc.", "autoencoder.")
         for param in self.get_parameters():
             is_attention_side = param.name.startswith(attention_side)
-            if self.state == "tuning":
+            if "moving_" in param.name:  # BatchNorm statistics are updated, never trained
+                param.requires_grad = False
+            elif self.state == "tuning":
                 param.requires_grad = not is_attention_side
             elif self.state == "attn":
                 param.requires_grad = is_attention_side
