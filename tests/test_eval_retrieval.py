@@ -115,3 +115,23 @@ def test_retrieval_script_one_line_errors(tmp_path, database, random_checkpoint)
                            str(tmp_path / "absent_gt"), str(random_checkpoint), "0"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and done.stderr.strip() == f"error: ground truth not found: {tmp_path / 'absent_gt'}"
+
+
+@pytest.mark.slow
+def test_two_extraction_workers_split_the_work_and_agree(database, random_checkpoint, evaluated, tmp_path):
+    """DEVICES=0,1 on CPU: two worker processes, disjoint shards, the same features as one worker."""
+    from model_utils.config import get_config
+    from src.build_feature_dataset import build_feature_dataset
+
+    config = get_config(FAST_SETTINGS)
+    index_path, query_path = build_feature_dataset(database["images"], database["gt_dir"], tmp_path, config,
+                                                   str(random_checkpoint), (0, 1), str(tmp_path / "extract.log"))
+    single_output, _ = evaluated
+    with FeatureStore(index_path) as two, FeatureStore(single_output / "features" / "index_features.h5") as one:
+        assert two.image_ids() == one.image_ids() == database["imlist"]
+        for name in database["imlist"]:
+            np.testing.assert_array_equal(two.get(name).descriptors, one.get(name).descriptors)
+    with FeatureStore(query_path) as queries:
+        assert queries.image_ids() == sorted(QUERIES)
+    assert not (tmp_path / "index_features.h5.journal").exists() or not any(
+        (tmp_path / "index_features.h5.journal").glob("*.npz"))
