@@ -24,7 +24,7 @@ from src.delf_config import ExtractionConfig
 from src.delf_model import DelfModel, block3_output_size, build_model, normalize_images
 from src.errors import InputError
 from src.extract_feature import DelfExtractor, checkpoint_id, extract_to_store
-from src.feature_io import FIELDS, FeatureStore
+from src.feature_io import FeatureStore
 from src.image_io import find_images, load_image, resize_image
 from src.infer_mindir import main as infer_main
 from src.infer_mindir import model_id, run_inference
@@ -155,8 +155,17 @@ def photo_385x417(images_dir):
 # ---- the whole path against direct extraction ----------------------------------------------------
 
 
+def assert_same_features(via_310, direct):
+    """Same keypoints; values equal up to float rounding (the MindIR runs as a compiled graph, direct
+    extraction in PyNative, and their kernels may round the last bit differently)."""
+    np.testing.assert_array_equal(via_310.locations, direct.locations)
+    np.testing.assert_array_equal(via_310.scales, direct.scales)
+    np.testing.assert_allclose(via_310.attention, direct.attention, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(via_310.descriptors, direct.descriptors, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
-def test_exact_inputs_give_exactly_the_features_of_direct_extraction(model, mindir, images_dir, pair_list,
+def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, images_dir, pair_list,
                                                                     random_pca, tmp_path):
     config = ExtractionConfig(**SMALL, max_feature_num=20, iou_threshold=0.9, **random_pca)
     jobs = plan_jobs(images_dir, str(pair_list))
@@ -172,8 +181,7 @@ def test_exact_inputs_give_exactly_the_features_of_direct_extraction(model, mind
         via_310, attributes = read_store(tmp_path / "features" / DEFAULT_STORE, name)
         direct, direct_attributes = read_store(tmp_path / "direct.h5", name)
         assert len(via_310.locations) == 20 and via_310.descriptors.shape == (20, 40)  # 26 cells, top 20
-        for field in FIELDS:
-            np.testing.assert_array_equal(getattr(via_310, field), getattr(direct, field), err_msg=field)
+        assert_same_features(via_310, direct)
         assert attributes["image_size"] == direct_attributes["image_size"]
         assert attributes["settings_hash"] == config.settings_hash(f"{checkpoint_id(str(mindir))};input=exact")
     # Everything was consumed: inputs, outputs and manifests, leaving the two DONE markers.
@@ -439,8 +447,7 @@ def test_match_script_gives_the_features_of_eval(checkpoint, mindir, images_dir,
     for name in PAIR:
         via_310, _ = read_store(infer_dir / "infer_310_features" / DEFAULT_STORE, name)
         direct, _ = read_store(eval_dir / "match_features.h5", name)
-        for field in FIELDS:
-            np.testing.assert_array_equal(getattr(via_310, field), getattr(direct, field), err_msg=field)
+        assert_same_features(via_310, direct)
 
 
 @pytest.mark.slow
