@@ -4,12 +4,11 @@ No trained weights exist offline, so a seeded random DelfModel is saved as a che
 src/convert_h5_to_weight.py saves one (with bn_epsilon); export reads it like any checkpoint.
 """
 
-import mindspore
 import pytest
 
 from export import export_network, main, max_difference, run_exported
 from src.delf_config import ExtractionConfig
-from src.delf_model import DelfModel, block3_output_size, build_model, normalize_images
+from src.delf_model import block3_output_size, build_model, normalize_images
 from src.errors import InputError
 from src.image_io import load_image, resize_image
 from src.preprocess import canvas_sides, place_on_canvas
@@ -18,11 +17,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    mindspore.set_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "delf_random.ckpt"
-    mindspore.save_checkpoint(DelfModel("test", conv_impl="native"), str(path), append_dict={"bn_epsilon": 1e-3})
-    return path
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")

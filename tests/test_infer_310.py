@@ -21,7 +21,7 @@ from PIL import Image
 from export import export_network
 from src.box_list_ops_np import receptive_boxes
 from src.delf_config import ExtractionConfig
-from src.delf_model import DelfModel, block3_output_size, build_model, normalize_images
+from src.delf_model import block3_output_size, build_model, normalize_images
 from src.errors import InputError
 from src.extract_feature import DelfExtractor, checkpoint_id, extract_to_store
 from src.feature_io import FeatureStore
@@ -50,11 +50,8 @@ SMALL = dict(image_scales=(0.5, 1.0), max_image_size=160, score_threshold=0.0)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    mindspore.set_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "delf_random.ckpt"
-    mindspore.save_checkpoint(DelfModel("test", conv_impl="native"), str(path), append_dict={"bn_epsilon": 1e-3})
-    return path
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")
