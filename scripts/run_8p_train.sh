@@ -17,17 +17,9 @@ usage() {
 RANK_TABLE_FILE=$(realpath "$1")
 STAGE=$2
 shift 2
-[[ $STAGE == tuning || $STAGE == attn ]] || usage
-EXTRA=()
-if [[ $# -ge 1 && $1 != --* ]]; then
-    [[ -f $1 ]] || { echo "error: checkpoint not found: $1" >&2; exit 2; }
-    EXTRA+=("--checkpoint_path=$(realpath "$1")")
-    shift
-elif [[ $STAGE == attn && " $* " != *" --checkpoint_path="* ]]; then
-    echo "error: the attn stage needs CHECKPOINT (the tuning result)" >&2
-    exit 2
-fi
-EXTRA+=("$@")
+# shellcheck source=train_common.sh
+source "$ROOT/scripts/train_common.sh"
+stage_arguments "$STAGE" "$@"
 export RANK_TABLE_FILE RANK_SIZE=8 DEVICE_NUM=8
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" GLOG_v=${GLOG_v:-3}
 CORES_PER_DEVICE=$(( $(nproc) / RANK_SIZE ))

@@ -16,17 +16,9 @@ NUM_WORKERS=$1
 STAGE=$2
 shift 2
 [[ $NUM_WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "error: NUM_WORKERS must be a positive integer, got '$NUM_WORKERS'" >&2; exit 2; }
-[[ $STAGE == tuning || $STAGE == attn ]] || usage
-EXTRA=()
-if [[ $# -ge 1 && $1 != --* ]]; then
-    [[ -f $1 ]] || { echo "error: checkpoint not found: $1" >&2; exit 2; }
-    EXTRA+=("--checkpoint_path=$(realpath "$1")")
-    shift
-elif [[ $STAGE == attn && " $* " != *" --checkpoint_path="* ]]; then
-    echo "error: the attn stage needs CHECKPOINT (the tuning result)" >&2
-    exit 2
-fi
-EXTRA+=("$@")
+# shellcheck source=train_common.sh
+source "$ROOT/scripts/train_common.sh"
+stage_arguments "$STAGE" "$@"
 # msrun starts `python` from PATH: make that this environment's interpreter, and use its msrun.
 PYTHON=$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')
 BIN_DIR=$(dirname "$PYTHON")

@@ -45,3 +45,14 @@ def random_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoint") / "delf_random.ckpt"
     mindspore.save_checkpoint(model, str(path), append_dict={"bn_epsilon": KERAS1_BN_EPSILON})
     return path
+
+
+@pytest.fixture(scope="session")
+def random_model(random_checkpoint):
+    """The network of `random_checkpoint`, loaded as extraction loads it (native convolutions)."""
+    from src.delf_model import build_model
+
+    network = build_model("test", weights_path=str(random_checkpoint), conv_impl="native",
+                          required_prefixes=("backbone.", "attention."))
+    network.set_train(False)
+    return network

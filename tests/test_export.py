@@ -8,7 +8,7 @@ import pytest
 
 from export import export_network, main, max_difference, run_exported
 from src.delf_config import ExtractionConfig
-from src.delf_model import block3_output_size, build_model, normalize_images
+from src.delf_model import block3_output_size, normalize_images
 from src.errors import InputError
 from src.image_io import load_image, resize_image
 from src.preprocess import canvas_sides, place_on_canvas
@@ -22,11 +22,8 @@ def checkpoint(random_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    network = build_model("test", weights_path=str(checkpoint), conv_impl="native",
-                          required_prefixes=("backbone.", "attention."))
-    network.set_train(False)
-    return network
+def model(random_model):
+    return random_model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 from export import export_network
 from src.box_list_ops_np import receptive_boxes
 from src.delf_config import ExtractionConfig
-from src.delf_model import block3_output_size, build_model, normalize_images
+from src.delf_model import block3_output_size, normalize_images
 from src.errors import InputError
 from src.extract_feature import DelfExtractor, checkpoint_id, extract_to_store
 from src.feature_io import FeatureStore
@@ -55,11 +55,8 @@ def checkpoint(random_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    network = build_model("test", weights_path=str(checkpoint), conv_impl="native",
-                          required_prefixes=("backbone.", "attention."))
-    network.set_train(False)
-    return network
+def model(random_model):
+    return random_model
 
 
 @pytest.fixture(scope="module")
