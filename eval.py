@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         ranks = load_saved_ranks(Path(args.ranks_dir))
     else:
         index_path, query_path = build_feature_dataset(
-            args.images_path, args.gt_path, output_dir / "features", config, args.ckpt_path,
+            args.images_path, ground_truth, output_dir / "features", config, args.ckpt_path,
             parse_devices(args.devices), str(output_dir / "extract_feature.log"))
         retrieval_log = _file_logger("src.perform_retrieval", output_dir / "retrieval.log")
         started = time.perf_counter()

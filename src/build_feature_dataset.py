@@ -71,7 +71,7 @@ def _worker(worker_index: int, device_id: int, jobs: list[tuple], config: DelfCo
                          progress=True, progress_label=f"{Path(store_path).stem} [worker {worker_index}]")
 
 
-def build_feature_dataset(images_path: str | Path, gt_path: str | Path, output_dir: str | Path,
+def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_dir: str | Path,
                           config: DelfConfig, ckpt_path: str = "", device_ids: tuple[int, ...] = (0,),
                           log_path: str = "extract_feature.log") -> tuple[Path, Path]:
     """Extract (or resume) all features of the data set; returns (index store, query store)."""
@@ -83,7 +83,6 @@ def build_feature_dataset(images_path: str | Path, gt_path: str | Path, output_d
         load_pca(config.extraction)  # fail now, not in every worker
     if ckpt_path and not Path(ckpt_path).is_file():
         raise InputError(f"checkpoint not found: {ckpt_path}")
-    ground_truth = load_ground_truth(gt_path, image_names_in(images_path))
     jobs = plan_jobs(images_path, ground_truth, output_dir)
     if len(device_ids) == 1:
         _worker(0, device_ids[0], jobs, config, ckpt_path, log_path, 1)
@@ -131,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log_path", default="extract_feature.log", help="log file")
     config, args = get_config_and_args(argv, parser)
     setup_logging(args.log_path)
-    index_store, query_store = build_feature_dataset(args.images_path, args.gt_path, args.output_dir, config,
+    ground_truth = load_ground_truth(args.gt_path, image_names_in(args.images_path))
+    index_store, query_store = build_feature_dataset(args.images_path, ground_truth, args.output_dir, config,
                                                      args.ckpt_path, parse_devices(args.devices), args.log_path)
     print(f"features: {index_store} and {query_store}")
 

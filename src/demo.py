@@ -11,6 +11,7 @@ one. Without a trained checkpoint the network runs on seeded random weights, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         print("NOTE: no trained DELF checkpoint given (--ckpt_path): the network runs on UNTRAINED, seeded "
               "random weights.\n      Matching still works for this synthetic view, but attention and "
               "descriptors are not DELF's; keeping the top features by attention (score_threshold 0).")
-        settings = type(settings)(**{**settings.__dict__, "score_threshold": 0.0})
+        settings = dataclasses.replace(settings, score_threshold=0.0)
     pca = None
     if settings.use_pca:
         if Path(settings.pca_mean_path).is_file():

@@ -336,6 +336,14 @@ def _npz_path(output_dir: Path, image_id: str) -> Path:
     return target
 
 
+def require_store(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or FileNotFoundError when neither the HDF5 file nor its journal exists."""
+    path = Path(path)
+    if not path.exists() and not path.with_name(path.name + JOURNAL_SUFFIX).is_dir():
+        raise FileNotFoundError(f"feature store {path} not found")
+    return path
+
+
 def export_npz(store_path: str | os.PathLike, output_dir: str | os.PathLike) -> int:
     """Write one `<image_id>.npz` (locations, scales, descriptors, attention) per stored image.
 
@@ -367,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("store", help="the feature store (.h5)")
     args = parser.parse_args(argv)
 
-    if not Path(args.store).exists() and not Path(args.store + JOURNAL_SUFFIX).is_dir():
-        raise FileNotFoundError(f"feature store {args.store} not found")
+    require_store(args.store)
     if args.command == "export":
         count = export_npz(args.store, args.output_dir)
         print(f"exported {count} images to {args.output_dir}")

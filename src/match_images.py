@@ -33,7 +33,7 @@ from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
 from src.errors import InputError, cli_main
-from src.feature_io import JOURNAL_SUFFIX, FeatureStore, LocalFeatures
+from src.feature_io import FeatureStore, LocalFeatures, require_store
 from src.image_io import find_image, image_id, load_image
 
 LOGGER = logging.getLogger(__name__)
@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         names = read_image_pair_list(args.list_images_path or "list_images.txt")
 
     image_paths = [find_image(args.images_path, name) for name in names]
-    store_path = Path(args.features_path)
-    if not store_path.exists() and not store_path.with_name(store_path.name + JOURNAL_SUFFIX).is_dir():
-        raise FileNotFoundError(f"feature store {store_path} not found")
-    with FeatureStore(args.features_path) as store:
+    with FeatureStore(require_store(args.features_path)) as store:
         features = [store.get(image_id(name)) for name in names]
 
     result = match_features(

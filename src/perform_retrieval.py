@@ -59,7 +59,7 @@ from src.dataset import (
     write_metrics,
 )
 from src.errors import InputError, cli_main
-from src.feature_io import JOURNAL_SUFFIX, FeatureStore, LocalFeatures, atomic_output
+from src.feature_io import FeatureStore, LocalFeatures, atomic_output, require_store
 from src.match_images import ENGINES, match_features
 
 LOGGER = logging.getLogger(__name__)
@@ -498,12 +498,6 @@ def save_ranks(ranks_by_protocol: Mapping[str, np.ndarray], output_dir: str | Pa
 # ----------------------------------------------------------------------------------------------
 
 
-def _open_store(path: str) -> FeatureStore:
-    if not Path(path).exists() and not Path(path + JOURNAL_SUFFIX).is_dir():
-        raise FileNotFoundError(f"feature store {path} not found")
-    return FeatureStore(path)
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Rank a database for every query with stored DELF features (votes + RANSAC re-ranking, "
@@ -545,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         LOGGER.info("settings: %s", vars(args))
         started = time.perf_counter()
-        with _open_store(args.query_features) as query_store, _open_store(args.index_features) as index_store:
+        with FeatureStore(require_store(args.query_features)) as query_store, \
+                FeatureStore(require_store(args.index_features)) as index_store:
             ranks = retrieve(
                 query_store, index_store, ground_truth,
                 mode=args.mode, shortlist_size=args.shortlist_size, num_neighbors=args.num_neighbors,

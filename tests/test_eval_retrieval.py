@@ -124,7 +124,8 @@ def test_two_extraction_workers_split_the_work_and_agree(database, random_checkp
     from src.build_feature_dataset import build_feature_dataset
 
     config = get_config(FAST_SETTINGS)
-    index_path, query_path = build_feature_dataset(database["images"], database["gt_dir"], tmp_path, config,
+    ground_truth = load_ground_truth(database["gt_dir"], database["imlist"])
+    index_path, query_path = build_feature_dataset(database["images"], ground_truth, tmp_path, config,
                                                    str(random_checkpoint), (0, 1), str(tmp_path / "extract.log"))
     single_output, _ = evaluated
     with FeatureStore(index_path) as two, FeatureStore(single_output / "features" / "index_features.h5") as one:
