@@ -1,89 +1,80 @@
 """Retrieval evaluation on Oxford5k / Paris6k (classic txt or revisited pkl/mat ground truth).
 
-features (src/build_feature_dataset.py) -> retrieval (src/perform_retrieval.py) -> metrics
-(src/dataset.py) -> mAP.txt + metrics.json. Each stage resumes or can be skipped: extraction skips
-finished images, and `--ranks_dir` recomputes the metrics from saved ranks alone.
+features (src/extraction/dataset.py) -> retrieval (src/retrieval/) -> metrics (src/evaluation/)
+-> mAP.txt + metrics.json. Each stage resumes or can be skipped: extraction skips finished
+images, and `--ranks_dir` recomputes the metrics from saved ranks alone. Retrieval and matching
+settings are the config's `retrieval.*` and `matching.*` keys.
 
     python eval.py --images_path oxbuild_images --gt_path gt_files_170407 --ckpt_path delf.ckpt \
-        --devices 0 --output_dir eval_oxford5k
+        --devices 0 --output_dir eval_oxford5k [--retrieval.mode=exhaustive]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from model_utils.cli import InputError, cli_main, log_to_file, setup_logging
 from model_utils.config import get_config_and_args
-from src.build_feature_dataset import build_feature_dataset, parse_devices
-from src.dataset import PROTOCOLS, evaluate, format_metrics, image_names_in, load_ground_truth, write_metrics
-from src.errors import InputError, cli_main
-from src.extract_feature import setup_logging
-from src.feature_io import FeatureStore
-from src.perform_retrieval import retrieve, save_ranks
-
-
-def _file_logger(name: str, path: Path) -> logging.Logger:
-    """A logger writing to its own file (the reference keeps one log per stage)."""
-    logger = logging.getLogger(name)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return logger
-
-
-def load_saved_ranks(ranks_dir: Path) -> dict[str, np.ndarray]:
-    paths = {protocol: ranks_dir / f"ranks_{protocol}.npy" for protocol in PROTOCOLS}
-    missing = [str(path) for path in paths.values() if not path.is_file()]
-    if missing:
-        raise InputError(f"saved ranks not found: {missing[0]}")
-    return {protocol: np.load(path, allow_pickle=False) for protocol, path in paths.items()}
+from model_utils.files import list_images, require_writable_dir
+from src.evaluation.ground_truth import PROTOCOLS, junk_by_protocol, load_ground_truth
+from src.evaluation.metrics import evaluate, format_metrics, write_metrics
+from src.extraction.dataset import build_feature_dataset, parse_devices
+from src.extraction.store import FeatureStore
+from src.retrieval.rerank import load_ranks, retrieve, save_ranks
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images_path", required=True, help="folder holding database and query images")
     parser.add_argument("--gt_path", required=True, help="Oxford/Paris gt txt folder, or gnd_*.pkl / .mat")
     parser.add_argument("--ckpt_path", default="", help="DELF checkpoint (empty: untrained weights)")
     parser.add_argument("--devices", default="0", help="device ids for extraction, one worker each (e.g. 0,1)")
     parser.add_argument("--output_dir", default="eval_output", help="features, ranks, logs, mAP.txt")
-    parser.add_argument("--retrieval_mode", choices=("fast", "exhaustive"), default="fast",
-                        help="fast: vote shortlist + RANSAC re-ranking; exhaustive: RANSAC against every image")
-    parser.add_argument("--shortlist_size", type=int, default=100, help="images re-ranked by RANSAC (fast mode)")
     parser.add_argument("--ranks_dir", default="", help="only recompute the metrics from ranks saved here")
     config, args = get_config_and_args(argv, parser)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(str(output_dir / "extract_feature.log"))
-    ground_truth = load_ground_truth(args.gt_path, image_names_in(args.images_path))
+    output_dir = require_writable_dir(args.output_dir)
+    extraction_log = output_dir / "extract_feature.log"
+    setup_logging(extraction_log)
+    ground_truth = load_ground_truth(args.gt_path, sorted(list_images(args.images_path)))
 
+    failed = {}
     if args.ranks_dir:
-        ranks = load_saved_ranks(Path(args.ranks_dir))
+        missing = [p for p in PROTOCOLS if not (Path(args.ranks_dir) / f"ranks_{p}.npy").is_file()]
+        if missing:
+            raise InputError(f"saved ranks not found: {Path(args.ranks_dir) / f'ranks_{missing[0]}.npy'}")
+        ranks = {p: load_ranks(Path(args.ranks_dir) / f"ranks_{p}.npy") for p in PROTOCOLS}
     else:
-        index_path, query_path = build_feature_dataset(
+        index_path, query_path, report = build_feature_dataset(
             args.images_path, ground_truth, output_dir / "features", config, args.ckpt_path,
-            parse_devices(args.devices), str(output_dir / "extract_feature.log"))
-        retrieval_log = _file_logger("src.perform_retrieval", output_dir / "retrieval.log")
-        started = time.perf_counter()
-        with FeatureStore(query_path) as query_store, FeatureStore(index_path) as index_store:
-            ranks = retrieve(query_store, index_store, ground_truth, mode=args.retrieval_mode,
-                             shortlist_size=args.shortlist_size, seed=config.seed)
-        retrieval_log.info("%s retrieval of %d queries over %d images took %.1f s", args.retrieval_mode,
-                           len(ground_truth["qimlist"]), len(ground_truth["imlist"]), time.perf_counter() - started)
+            parse_devices(args.devices), str(extraction_log))
+        failed = report.failed
+        if failed:
+            # A missing image would silently change every number below; stop with the list instead.
+            raise InputError(f"{len(failed)} image(s) of the data set could not be extracted (listed in "
+                             f"{output_dir / 'features'}/*.failures.txt), e.g. {next(iter(failed.values()))}")
+        with log_to_file("delf.retrieval", output_dir / "retrieval.log") as log:
+            started = time.perf_counter()
+            with FeatureStore(query_path) as query_store, FeatureStore(index_path) as index_store:
+                ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
+                                 junk_by_protocol(ground_truth), settings=config.retrieval,
+                                 matching=config.matching, seed=config.seed)
+            log.info("%s retrieval of %d queries over %d images took %.1f s", config.retrieval.mode,
+                     len(ground_truth["qimlist"]), len(ground_truth["imlist"]), time.perf_counter() - started)
         save_ranks(ranks, output_dir)
 
     results = evaluate(ranks, ground_truth)
     write_metrics(results, output_dir / "mAP.txt", output_dir / "metrics.json")
     text = format_metrics(results)
-    _file_logger("delf.metrics", output_dir / "calculate_mAP.log").info("%s:\n%s", results["dataset"], text)
+    with log_to_file("delf.metrics", output_dir / "calculate_mAP.log") as log:
+        log.info("%s:\n%s", results["dataset"], text)
     print(text, end="")
     print(f"wrote {output_dir / 'mAP.txt'} and {output_dir / 'metrics.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

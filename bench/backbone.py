@@ -39,7 +39,7 @@ def _time_mindspore(impl: str, graph: bool, sizes: list[tuple[int, int]], repeat
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from src.delf_model import DelfModel
+    from src.model.network import DelfModel
 
     mindspore.set_device("CPU")
     mindspore.set_context(mode=mindspore.GRAPH_MODE if graph else mindspore.PYNATIVE_MODE)

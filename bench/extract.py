@@ -28,14 +28,15 @@ def _child(mode: str, num_images: int) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    from model_utils.config import ExtractionConfig, get_config
     from model_utils.device import setup_device
-    from src.delf_config import ExtractionConfig
-    from src.extract_feature import DelfExtractor, load_extraction_model
-    from src.extract_utils_np import PcaParameters
-    from src.image_io import load_image
+    from src.extraction.extractor import DelfExtractor
+    from src.extraction.images import load_image
+    from src.extraction.pca import PcaParameters
+    from src.model.weights import build_extraction_model
 
     setup_device("CPU", graph_mode=mode == "graph")
-    model = load_extraction_model("", "CPU", "native", 0.0, False, 128)
+    model = build_extraction_model(get_config(["--conv_impl=native"]), "")
     rng = np.random.default_rng(0)
     pca = PcaParameters(np.zeros(1024), np.linalg.qr(rng.standard_normal((1024, 1024)))[0], None)
     extractor = DelfExtractor(model, ExtractionConfig(score_threshold=0.0), pca)

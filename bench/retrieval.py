@@ -29,15 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.feature_io import LocalFeatures  # noqa: E402
-from src.match_images import match_features  # noqa: E402
-from src.perform_retrieval import (  # noqa: E402
-    EXACT_SEARCH_MAX_ROWS,
-    build_descriptor_index,
-    faiss_available,
-    rerank_by_inliers,
-    vote_scores,
-)
+from src.extraction.store import LocalFeatures  # noqa: E402
+from src.matching.verify import match_features  # noqa: E402
+from src.retrieval.index import EXACT_SEARCH_MAX_ROWS, build_descriptor_index, faiss_available, vote_scores
+from src.retrieval.rerank import rerank_by_inliers
 
 NUM_FEATURES = 1000
 DIM = 40

@@ -33,8 +33,8 @@ def child(mode: str, stage: str, batch_size: int, image_size: int, num_classes: 
     import numpy as np
 
     from model_utils.device import setup_device
-    from src.delf_model import DelfModel
-    from src.train_utils import build_train_step
+    from src.model.network import DelfModel
+    from src.training.step import build_train_step
 
     setup_device("CPU", graph_mode=mode == "graph")
     mindspore.set_seed(0)

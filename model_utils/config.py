@@ -1,9 +1,9 @@
-"""Configuration: delf_config.yaml + command-line overrides, validated into a typed object.
+"""Configuration: delf_config.yaml + command-line overrides, validated into one typed object.
 
-The dataclass below is the schema (types, allowed values, help text); the YAML file holds the
-values. Every key must appear in the YAML, no other key may, and every value must have the
-declared type. Any key can be overridden as `--key=value` (`--extraction.key=value` for the
-extraction section); `--config_path=FILE` picks another YAML file.
+The dataclasses below are the schema (types, allowed values, help text); delf_config.yaml holds
+every default value. A file given with `--config_path=FILE` overlays those defaults (it may set
+only some keys), then `--key=value` overrides apply (`--extraction.key=value` etc. for the
+sections). Unknown keys, duplicated keys and wrong types are refused with one line naming the key.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import json
+import math
 import sys
 import types
 import typing
@@ -19,8 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from src.delf_config import ExtractionConfig
-from src.errors import InputError
+from model_utils.cli import InputError
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "delf_config.yaml"
 
@@ -34,6 +36,117 @@ class ConfigError(InputError):
 
 def _option(help_text: str, choices: tuple[str, ...] = ()) -> dict:
     return {"metadata": {"help": help_text, "choices": choices}}
+
+
+def _check_choices(settings: object) -> None:
+    for spec in dataclasses.fields(settings):
+        choices = spec.metadata.get("choices")
+        value = getattr(settings, spec.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{spec.name}: {value!r} is not one of {', '.join(choices)}")
+
+
+DEFAULT_IMAGE_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """How DELF local features are extracted (defaults: the TF reference's delf_config_example)."""
+
+    image_scales: tuple[float, ...] = DEFAULT_IMAGE_SCALES
+    max_feature_num: int = 1000
+    score_threshold: float = 100.0
+    iou_threshold: float = 1.0
+    max_image_size: int = -1
+    min_image_size: int = -1
+    use_pca: bool = True
+    pca_dim: int = 40
+    use_whitening: bool = False
+    pca_mean_path: str = "pca/mean.npy"
+    pca_projection_path: str = "pca/pca_proj_mat.npy"
+    pca_variances_path: str = "pca/pca_variances.npy"
+    receptive_field: float = 291.0
+    stride: float = 32.0
+    padding: float = 145.0
+    # Largest number of pixels a single pyramid level may have; bigger images are
+    # downscaled with a warning instead of exhausting memory at scale 2.0.
+    max_pixels_per_scale: int = 16_000_000
+    feature_depth: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
+        problems = []
+        if not self.image_scales or not all(math.isfinite(s) and s > 0 for s in self.image_scales):
+            problems.append("image_scales must be a non-empty list of positive, finite numbers")
+        if self.max_feature_num <= 0:
+            problems.append("max_feature_num must be positive")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            problems.append("iou_threshold must be in (0, 1]")
+        if self.use_pca and self.pca_dim <= 0:
+            problems.append("pca_dim must be positive")
+        if self.max_pixels_per_scale <= 0:
+            problems.append("max_pixels_per_scale must be positive")
+        if problems:
+            raise ConfigError("invalid extraction settings: " + "; ".join(problems))
+
+    def settings_hash(self, checkpoint_id: str = "") -> str:
+        """Stable hash of everything that changes the extracted features."""
+        payload = dataclasses.asdict(self)
+        payload["checkpoint"] = checkpoint_id
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """Verifying one image pair: nearest-neighbour putative matches, then affine RANSAC (TF reference values)."""
+
+    distance_threshold: float = field(default=0.8, **_option("descriptor distance below which a match counts"))
+    residual_threshold: float = field(default=20.0, **_option("RANSAC inlier distance in pixels"))
+    max_trials: int = field(default=1000, **_option("RANSAC iterations"))
+    min_samples: int = field(default=3, **_option("points per RANSAC sample (3: an affine map)"))
+    engine: str = field(default="opencv", **_option("RANSAC implementation (skimage: the reference's, ~40x slower)",
+                                                    ("opencv", "skimage")))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        problems = []
+        if not self.distance_threshold > 0:
+            problems.append(f"distance_threshold must be positive, got {self.distance_threshold}")
+        if not self.residual_threshold > 0:
+            problems.append(f"residual_threshold must be positive, got {self.residual_threshold}")
+        if self.max_trials < 1:
+            problems.append(f"max_trials must be at least 1, got {self.max_trials}")
+        if self.min_samples < 3:
+            problems.append(f"min_samples must be at least 3 (an affine map has 6 unknowns), got {self.min_samples}")
+        if self.engine == "opencv" and self.min_samples != 3:
+            problems.append(f"engine 'opencv' always samples 3 points; min_samples={self.min_samples} "
+                            "needs engine 'skimage'")
+        if problems:
+            raise ConfigError("invalid matching settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Ranking a database for each query: a shortlist re-ranked by RANSAC inliers, or RANSAC on every image."""
+
+    mode: str = field(default="fast", **_option("fast: vote shortlist + RANSAC re-ranking; exhaustive: RANSAC "
+                                                "against every database image (the reference)",
+                                                ("fast", "exhaustive")))
+    shortlist_size: int = field(default=100, **_option("images re-ranked by RANSAC"))
+    num_neighbors: int = field(default=10, **_option("database neighbours each query descriptor votes for"))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        problems = []
+        if self.shortlist_size < 0:
+            problems.append(f"shortlist_size must be >= 0, got {self.shortlist_size}")
+        if self.num_neighbors < 1:
+            problems.append(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if problems:
+            raise ConfigError("invalid retrieval settings: " + "; ".join(problems))
+
+
+SECTIONS = {"extraction": ExtractionConfig, "matching": MatchingConfig, "retrieval": RetrievalConfig}
 
 
 @dataclass(frozen=True)
@@ -70,14 +183,14 @@ class DelfConfig:
     mode: str = field(**_option("MindSpore execution mode", ("graph", "pynative")))
     amp_level: str = field(**_option("mixed precision level (Ascend/GPU; CPU trains in float32)",
                                      ("O0", "O1", "O2", "O3")))
+    skip_bad_images: bool = field(**_option("exit 0 although some images could not be read (they are listed "
+                                            "in <store>.failures.txt either way)"))
     extraction: ExtractionConfig = field(**_option("feature extraction settings"))
+    matching: MatchingConfig = field(**_option("image-pair verification settings"))
+    retrieval: RetrievalConfig = field(**_option("retrieval settings"))
 
     def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            choices = spec.metadata["choices"]
-            value = getattr(self, spec.name)
-            if choices and value not in choices:
-                raise ConfigError(f"{spec.name}: {value!r} is not one of {', '.join(choices)}")
+        _check_choices(self)
         for name in ("batch_size", "max_iters", "image_size", "save_ckpt_step", "keep_checkpoint_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -88,17 +201,17 @@ class DelfConfig:
 def _field_types(cls: type) -> dict[str, tuple[object, str]]:
     hints = typing.get_type_hints(cls)
     return {
-        spec.name: (hints[spec.name], spec.metadata.get("help", ""))
+        spec.name: (hints[spec.name], spec.metadata.get("help", f"{cls.__name__[:-6].lower()} setting"))
         for spec in dataclasses.fields(cls)
     }
 
 
 def _schema() -> dict[str, tuple[object, str]]:
-    """Flat key -> (type, help); extraction keys are spelled 'extraction.<key>'."""
-    schema = _field_types(DelfConfig)
-    del schema["extraction"]
-    for name, (kind, _) in _field_types(ExtractionConfig).items():
-        schema[f"extraction.{name}"] = (kind, "extraction setting")
+    """Flat key -> (type, help); section keys are spelled '<section>.<key>'."""
+    schema = {key: value for key, value in _field_types(DelfConfig).items() if key not in SECTIONS}
+    for section, cls in SECTIONS.items():
+        for name, kind_and_help in _field_types(cls).items():
+            schema[f"{section}.{name}"] = kind_and_help
     return schema
 
 
@@ -106,6 +219,10 @@ def _unknown_key_error(key: str, known: typing.Iterable[str], source: str) -> Co
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _is_number(item: object) -> bool:
+    return isinstance(item, int | float) and not isinstance(item, bool)
 
 
 def _coerce(key: str, value: object, kind: object, source: str) -> object:
@@ -125,7 +242,7 @@ def _coerce(key: str, value: object, kind: object, source: str) -> object:
             except ValueError:
                 pass
     elif kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if _is_number(value):
             return float(value)
         if from_text:
             try:
@@ -136,10 +253,14 @@ def _coerce(key: str, value: object, kind: object, source: str) -> object:
         if isinstance(value, str):
             return value
     elif typing.get_origin(kind) is tuple:
-        items = yaml.safe_load(value) if from_text else value
-        if isinstance(items, list | tuple) and all(
-            isinstance(item, int | float) and not isinstance(item, bool) for item in items
-        ):
+        items = value
+        if from_text:
+            try:
+                items = yaml.safe_load(value)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config key '{key}' in {source}: {value!r} is not a YAML list "
+                                  f"({str(error).splitlines()[0]})") from None
+        if isinstance(items, list | tuple) and all(_is_number(item) for item in items):
             return tuple(float(item) for item in items)
     type_name = getattr(kind, "__name__", str(kind))
     if isinstance(kind, types.GenericAlias):
@@ -150,26 +271,51 @@ def _coerce(key: str, value: object, kind: object, source: str) -> object:
 def _flatten(values: dict, source: str) -> dict[str, object]:
     flat = {}
     for key, value in values.items():
-        if key == "extraction":
+        if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"config key 'extraction' in {source}: expected a mapping")
-            flat.update({f"extraction.{name}": item for name, item in value.items()})
+                raise ConfigError(f"config key '{key}' in {source}: expected a mapping of {key} settings")
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
         else:
             flat[key] = value
     return flat
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, object]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
     try:
         with open(path, encoding="utf-8") as stream:
-            documents = [doc for doc in yaml.safe_load_all(stream) if doc is not None]
+            documents = [doc for doc in yaml.load_all(stream, Loader=_UniqueKeyLoader) if doc is not None]
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise ConfigError(f"config file {path} must hold one mapping of keys to values")
-    return _flatten(documents[0], str(path))
+    values = _flatten(documents[0], str(path))
+    schema = _schema()
+    for key in values:
+        if key not in schema:
+            raise _unknown_key_error(key, schema, str(path))
+    return {key: _coerce(key, value, schema[key][0], str(path)) for key, value in values.items()}
 
 
 def _parse_overrides(argv: list[str], parser: argparse.ArgumentParser | None
@@ -181,7 +327,8 @@ def _parse_overrides(argv: list[str], parser: argparse.ArgumentParser | None
     parser.allow_abbrev = False
     own = {action.dest for action in parser._actions}
     group = parser.add_argument_group("configuration (delf_config.yaml keys)")
-    group.add_argument("--config_path", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+    group.add_argument("--config_path", default=str(DEFAULT_CONFIG_PATH),
+                       help="YAML file overlaid on delf_config.yaml (may set only some keys)")
     for key, (kind, help_text) in schema.items():
         type_name = "list" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", "value")
         group.add_argument(f"--{key}", dest=key, metavar=type_name.upper(), help=help_text,
@@ -197,7 +344,7 @@ def _parse_overrides(argv: list[str], parser: argparse.ArgumentParser | None
 
 
 def build_config(values: dict[str, object], source: str) -> DelfConfig:
-    """Validate flat `key -> value` pairs (extraction keys dotted) into a DelfConfig."""
+    """Validate flat `key -> value` pairs (section keys dotted) into a DelfConfig."""
     schema = _schema()
     for key in values:
         if key not in schema:
@@ -206,16 +353,17 @@ def build_config(values: dict[str, object], source: str) -> DelfConfig:
     if missing:
         raise ConfigError(f"config keys missing from {source}: {', '.join(missing)}")
     checked = {key: _coerce(key, value, schema[key][0], source) for key, value in values.items()}
-    extraction = {key.split(".", 1)[1]: value for key, value in checked.items() if key.startswith("extraction.")}
-    top = {key: value for key, value in checked.items() if not key.startswith("extraction.")}
-    try:
-        return DelfConfig(extraction=ExtractionConfig(**extraction), **top)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    sections = {
+        section: cls(**{key.split(".", 1)[1]: value for key, value in checked.items()
+                        if key.startswith(section + ".")})
+        for section, cls in SECTIONS.items()
+    }
+    top = {key: value for key, value in checked.items() if "." not in key}
+    return DelfConfig(**sections, **top)
 
 
 def get_config(argv: list[str] | None = None) -> DelfConfig:
-    """Read the YAML named by --config_path (default delf_config.yaml) and apply CLI overrides."""
+    """delf_config.yaml, overlaid by the file named by --config_path, then by CLI overrides."""
     return get_config_and_args(argv)[0]
 
 
@@ -223,12 +371,10 @@ def get_config_and_args(argv: list[str] | None = None, parser: argparse.Argument
                         ) -> tuple[DelfConfig, argparse.Namespace]:
     """get_config for a script with arguments of its own (declared on `parser`)."""
     config_path, overrides, own_args = _parse_overrides(sys.argv[1:] if argv is None else argv, parser)
-    values = _read_yaml(config_path)
+    values = _read_yaml(DEFAULT_CONFIG_PATH)
+    if config_path.resolve() != DEFAULT_CONFIG_PATH:
+        values.update(_read_yaml(config_path))
     schema = _schema()
-    for key in values:
-        if key not in schema:
-            raise _unknown_key_error(key, schema, str(config_path))
-    merged = dict(values)
     for key, text in overrides.items():
-        merged[key] = _coerce(key, text, schema[key][0], "command line")
-    return build_config(merged, str(config_path)), own_args
+        values[key] = _coerce(key, text, schema[key][0], "command line")
+    return build_config(values, str(config_path)), own_args

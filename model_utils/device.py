@@ -8,7 +8,7 @@ import sys
 
 import mindspore
 
-from src.errors import InputError
+from model_utils.cli import InputError
 
 _PREFERENCE = ("Ascend", "GPU", "CPU")
 

@@ -22,8 +22,15 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python src/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.errors import cli_main  # noqa: E402
-from src.image_io import resize_image  # noqa: E402
+from model_utils.cli import cli_main  # noqa: E402
+from model_utils.config import get_config_and_args  # noqa: E402
+from model_utils.device import setup_device  # noqa: E402
+from src.extraction.extractor import DelfExtractor  # noqa: E402
+from src.extraction.images import resize_image  # noqa: E402
+from src.extraction.pca import load_pca  # noqa: E402
+from src.matching.draw import draw_matches  # noqa: E402
+from src.matching.verify import match_features  # noqa: E402
+from src.model.weights import build_extraction_model  # noqa: E402
 
 
 def demo_photo() -> np.ndarray:
@@ -71,13 +78,7 @@ def corner_error(estimated: np.ndarray, true: np.ndarray, height: int, width: in
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> None:
-    from model_utils.config import get_config_and_args
-    from model_utils.device import setup_device
-    from src.extract_feature import DelfExtractor, load_extraction_model
-    from src.extract_utils_np import load_pca
-    from src.match_images import draw_matches, match_features
-
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", default="", help="trained DELF checkpoint (default: untrained weights)")
     parser.add_argument("--output_image", default="eval_match.png", help="figure to write")
@@ -97,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"NOTE: no PCA files ({settings.pca_mean_path}); using raw 1024-D descriptors "
                   "(scripts/download_pretrained.sh fetches the official PCA)")
-    model = load_extraction_model(args.ckpt_path, target, config.conv_impl, config.bn_epsilon,
-                                  config.use_autoencoder, config.autoencoder_dim, config.seed)
-    extractor = DelfExtractor(model, settings, pca)
+    extractor = DelfExtractor(build_extraction_model(config, args.ckpt_path), settings, pca)
 
     photo = demo_photo()
     if args.ckpt_path:
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     features = [extractor(image, name) for image, name in ((photo, "rocket"), (warped, "rocket (new view)"))]
     extract_seconds = time.perf_counter() - started
-    result = match_features(*features, seed=config.seed)
+    result = match_features(*features, **dataclasses.asdict(config.matching), seed=config.seed)
     title = f"DELF demo: {result.num_inliers} inliers ({'trained' if args.ckpt_path else 'untrained'} weights)"
     draw_matches(photo, warped, result, args.output_image, title=title)
 
@@ -127,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         error = corner_error(result.transform, true_transform, *photo.shape[:2])
         print(f"mean corner error: {error:.1f} px")
     print(f"wrote {args.output_image}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

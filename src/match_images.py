@@ -1,328 +1,55 @@
-"""Geometric verification of two images' DELF features: KD-tree putative matches + affine RANSAC.
+"""Match the DELF features of two images (nearest neighbours + affine RANSAC) and draw the inliers.
 
-Putative matches follow the reference: every image-2 descriptor takes its nearest image-1
-descriptor when it is closer than `distance_threshold` (Euclidean on L2-normalised descriptors).
-An affine model is then fitted by RANSAC with one of two engines:
-
-- "opencv"  (default): cv2.estimateAffine2D, compiled; the whole step is ~30x faster
-  (bench/match.py), the KD-tree then being most of its time.
-- "skimage": skimage.measure.ransac + AffineTransform, the reference's own estimator.
-
-Unlike the reference, RANSAC is seeded, so the same inputs always give the same inlier count,
-and samples whose points are collinear are skipped by both engines (the reference's skimage call
-would fit them and count every point on that line as an inlier).
+    python -m src.match_images --images_path DIR --features_path features.h5 \
+        [--list_images_path list_images.txt | --image_1 A --image_2 B] [--output_image eval_match.png] \
+        [--matching.engine=skimage ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import os
-import tempfile
-import warnings
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
-from scipy.spatial import cKDTree
-from skimage.measure import ransac
-from skimage.transform import AffineTransform
 
-from src.errors import InputError, cli_main
-from src.feature_io import FeatureStore, LocalFeatures, require_store
-from src.image_io import find_image, image_id, load_image
+if __package__ in (None, ""):  # run as `python src/match_images.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LOGGER = logging.getLogger(__name__)
+from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
+from model_utils.config import get_config_and_args  # noqa: E402
+from model_utils.files import find_image, image_id, read_image_list, require_writable  # noqa: E402
+from src.extraction.images import load_image  # noqa: E402
+from src.extraction.store import FeatureStore, require_store  # noqa: E402
+from src.matching.draw import draw_matches  # noqa: E402
+from src.matching.verify import match_features  # noqa: E402
 
-ENGINES = ("opencv", "skimage")
-NN_METHODS = ("kdtree", "brute")
-
-# cv2 stops once it is this sure an all-inlier sample was drawn. skimage (as the reference
-# calls it) never stops early, so ask for near-certainty: with this value cv2 still runs all
-# 1000 trials below ~27 % inliers, and above that stops only when the chance of not yet having
-# drawn an all-inlier sample is below 1e-9.
-OPENCV_CONFIDENCE = 1.0 - 1e-9
-# Levenberg-Marquardt steps on the inliers; an affine fit is linear, so a few steps reach the
-# least-squares model (skimage likewise refits its final model on all inliers).
-OPENCV_REFINE_ITERS = 10
+LOGGER = logging.getLogger("delf.match")
 
 
-@dataclass
-class MatchResult:
-    """Outcome of verifying one image pair."""
-
-    num_inliers: int
-    num_putative: int
-    inliers_1: np.ndarray  # (K, 2) (y, x) locations in image 1 of the inlier correspondences
-    inliers_2: np.ndarray  # (K, 2) matching (y, x) locations in image 2
-    transform: np.ndarray | None  # 2x3 affine: image-1 (x, y, 1) -> image-2 (x, y); None if no model
-
-
-def find_putative_matches(
-    descriptors_1: np.ndarray, descriptors_2: np.ndarray, distance_threshold: float = 0.8, method: str = "kdtree"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (into image 1, into image 2): each image-2 descriptor's nearest image-1
-    descriptor, kept when strictly closer than `distance_threshold`.
-
-    `method` "kdtree" is the reference's cKDTree; "brute" finds the same exact nearest neighbours
-    with one matrix product, about 15x faster for 1000 x 1000 descriptors in 40-D (where a KD-tree
-    prunes little), which is what retrieval re-ranking uses.
-    """
-    if method not in NN_METHODS:
-        raise InputError(f"nearest-neighbour method must be one of {', '.join(NN_METHODS)}, got {method!r}")
-    if len(descriptors_1) == 0 or len(descriptors_2) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    if method == "brute":
-        first = np.asarray(descriptors_1, dtype=np.float32)
-        second = np.asarray(descriptors_2, dtype=np.float32)
-        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
-        nearest = (second @ first.T - 0.5 * (first * first).sum(1)).argmax(axis=1)
-        difference = second.astype(np.float64) - first[nearest].astype(np.float64)
-        matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
-        return nearest[matched].astype(np.int64), np.flatnonzero(matched)
-    tree = cKDTree(descriptors_1)
-    _, nearest = tree.query(descriptors_2, k=1, distance_upper_bound=distance_threshold)
-    # cKDTree reports "nothing within the bound" as index len(descriptors_1).
-    matched = nearest < len(descriptors_1)
-    return nearest[matched].astype(np.int64), np.flatnonzero(matched)
-
-
-def _spans_plane(points: np.ndarray) -> bool:
-    """False when the points are (numerically) collinear or coincide: no affine map is defined."""
-    centred = points - points.mean(axis=0)
-    sxx, syy = (centred**2).sum(axis=0)
-    sxy = (centred[:, 0] * centred[:, 1]).sum()
-    return bool(sxx * syy - sxy**2 > 1e-12 * (sxx + syy) ** 2 and sxx + syy > 0)
-
-
-def _sample_is_valid(sample_1: np.ndarray, sample_2: np.ndarray) -> bool:
-    # cv2 rejects degenerate samples the same way; without this skimage would accept the
-    # rank-deficient fit of collinear points and call every collinear point an inlier.
-    return _spans_plane(sample_1) and _spans_plane(sample_2)
-
-
-def _ransac_skimage(points_1, points_2, residual_threshold, max_trials, min_samples, seed):
-    with warnings.catch_warnings():
-        # Finding no model is an ordinary outcome for unrelated images, not a warning.
-        warnings.filterwarnings("ignore", message="No inliers found")
-        model, inliers = ransac(
-            (points_1, points_2),
-            AffineTransform,
-            min_samples=min_samples,
-            residual_threshold=residual_threshold,
-            max_trials=max_trials,
-            is_data_valid=_sample_is_valid,
-            rng=seed,
-        )
-    if not model or inliers is None:  # None, or a falsy FailedEstimation in skimage >= 0.26
-        return None, np.zeros(len(points_1), dtype=bool)
-    return np.asarray(model.params[:2], dtype=np.float64).copy(), np.asarray(inliers, dtype=bool)
-
-
-def _ransac_opencv(points_1, points_2, residual_threshold, max_trials, seed):
-    # cv2's RANSAC draws samples from an RNG with a fixed internal seed (cv2.setRNGSeed has no
-    # effect), so it is reproducible by itself; shuffling the correspondences with `seed` makes
-    # the seed choose which samples are drawn, as it does for skimage.
-    order = np.random.default_rng(seed).permutation(len(points_1))
-    transform, mask = cv2.estimateAffine2D(
-        np.ascontiguousarray(points_1[order], dtype=np.float32),
-        np.ascontiguousarray(points_2[order], dtype=np.float32),
-        method=cv2.RANSAC,
-        ransacReprojThreshold=float(residual_threshold),
-        maxIters=int(max_trials),
-        confidence=OPENCV_CONFIDENCE,
-        refineIters=OPENCV_REFINE_ITERS,
-    )
-    inliers = np.zeros(len(points_1), dtype=bool)
-    if transform is None:
-        return None, inliers
-    inliers[order] = mask.ravel().astype(bool)
-    return transform.astype(np.float64), inliers
-
-
-def _check_features(features: LocalFeatures, name: str) -> None:
-    locations, descriptors = np.asarray(features.locations), np.asarray(features.descriptors)
-    if locations.ndim != 2 or locations.shape[1] != 2:
-        raise InputError(f"{name}: locations must have shape (N, 2), got {locations.shape}")
-    if descriptors.ndim != 2 or len(descriptors) != len(locations):
-        raise InputError(
-            f"{name}: descriptors must have shape (N, D) with N = {len(locations)} locations, got {descriptors.shape}"
-        )
-
-
-def _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples) -> None:
-    if engine not in ENGINES:
-        raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if not distance_threshold > 0:
-        raise InputError(f"distance_threshold must be positive, got {distance_threshold}")
-    if not residual_threshold > 0:
-        raise InputError(f"residual_threshold must be positive, got {residual_threshold}")
-    if max_trials < 1:
-        raise InputError(f"max_trials must be at least 1, got {max_trials}")
-    if min_samples < 3:
-        raise InputError(f"min_samples must be at least 3 (an affine map has 6 unknowns), got {min_samples}")
-    if engine == "opencv" and min_samples != 3:
-        raise InputError(f"engine 'opencv' always samples 3 points; min_samples={min_samples} needs engine 'skimage'")
-
-
-def match_features(
-    features_1: LocalFeatures,
-    features_2: LocalFeatures,
-    *,
-    distance_threshold: float = 0.8,
-    residual_threshold: float = 20.0,
-    max_trials: int = 1000,
-    min_samples: int = 3,
-    seed: int = 0,
-    engine: str = "opencv",
-    nn_method: str = "kdtree",
-) -> MatchResult:
-    """Verify two images' local features (only .locations (y, x) and .descriptors are used).
-
-    Fewer than `min_samples` + 1 putative matches give 0 inliers without running RANSAC.
-    """
-    _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples)
-    _check_features(features_1, "image 1 features")
-    _check_features(features_2, "image 2 features")
-    descriptors_1, descriptors_2 = np.asarray(features_1.descriptors), np.asarray(features_2.descriptors)
-    if len(descriptors_1) and len(descriptors_2) and descriptors_1.shape[1] != descriptors_2.shape[1]:
-        raise InputError(
-            f"descriptor sizes differ: image 1 has {descriptors_1.shape[1]}-D, "
-            f"image 2 has {descriptors_2.shape[1]}-D (features from different extraction settings?)"
-        )
-
-    index_1, index_2 = find_putative_matches(descriptors_1, descriptors_2, distance_threshold, nn_method)
-    locations_1 = np.asarray(features_1.locations, dtype=np.float64)[index_1]
-    locations_2 = np.asarray(features_2.locations, dtype=np.float64)[index_2]
-    num_putative = len(index_1)
-    no_model = MatchResult(0, num_putative, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
-    if num_putative < min_samples + 1:
-        return no_model
-
-    # Locations are (y, x); RANSAC works in (x, y) so the transform follows OpenCV's convention.
-    points_1, points_2 = locations_1[:, ::-1], locations_2[:, ::-1]
-    if engine == "opencv":
-        transform, inliers = _ransac_opencv(points_1, points_2, residual_threshold, max_trials, seed)
-    else:
-        transform, inliers = _ransac_skimage(points_1, points_2, residual_threshold, max_trials, min_samples, seed)
-    if transform is None:
-        return no_model
-    return MatchResult(
-        num_inliers=int(inliers.sum()),
-        num_putative=num_putative,
-        inliers_1=locations_1[inliers].astype(np.float32),
-        inliers_2=locations_2[inliers].astype(np.float32),
-        transform=transform,
-    )
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=2)
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        return image[..., :3]  # an alpha channel is dropped
-    raise InputError(f"expected an (H, W) or (H, W, 3|4) image array, got shape {image.shape}")
-
-
-def side_by_side(image_1: np.ndarray, image_2: np.ndarray, pad_value: int = 255) -> np.ndarray:
-    """Both images on one RGB canvas, image 2 right of image 1, the shorter one padded below."""
-    rgb_1, rgb_2 = (_as_rgb(image) for image in (image_1, image_2))
-    height = max(rgb_1.shape[0], rgb_2.shape[0])
-    canvas = np.full((height, rgb_1.shape[1] + rgb_2.shape[1], 3), pad_value, dtype=np.uint8)
-    canvas[: rgb_1.shape[0], : rgb_1.shape[1]] = rgb_1
-    canvas[: rgb_2.shape[0], rgb_1.shape[1] :] = rgb_2
-    return canvas
-
-
-def draw_matches(
-    image_1: np.ndarray,
-    image_2: np.ndarray,
-    result: MatchResult,
-    output_path: str | os.PathLike,
-    title: str | None = None,
-) -> Path:
-    """Save a PNG, exactly the size of the two images side by side, with a line per inlier."""
-    canvas = side_by_side(image_1, image_2)
-    height, width = canvas.shape[:2]
-    offset_x = np.asarray(image_1).shape[1]
-    dpi = 100
-    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    FigureCanvasAgg(figure)
-    axes = figure.add_axes((0, 0, 1, 1))
-    axes.imshow(canvas, interpolation="nearest")
-    if result.num_inliers:
-        # (y, x) -> (x, y), image-2 points shifted right by image 1's width.
-        start = result.inliers_1[:, ::-1]
-        end = result.inliers_2[:, ::-1] + np.array([offset_x, 0.0])
-        axes.add_collection(LineCollection(np.stack([start, end], axis=1), colors="cyan", linewidths=1))
-        points = np.concatenate([start, end])
-        axes.scatter(points[:, 0], points[:, 1], s=6, c="yellow", edgecolors="none")
-    if title:
-        axes.text(8, 8, title, va="top", ha="left", fontsize=12, bbox={"facecolor": "white", "alpha": 0.8})
-    axes.set_xlim(-0.5, width - 0.5)
-    axes.set_ylim(height - 0.5, -0.5)
-    axes.set_axis_off()
-
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=dpi)
-        os.replace(temp_name, output_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return output_path
-
-
-def read_image_pair_list(list_path: str | os.PathLike) -> tuple[str, str]:
+def read_image_pair_list(list_path: str | Path) -> tuple[str, str]:
     """The two image names in a list file (one a line; blank lines and '#' comments ignored)."""
-    list_path = Path(list_path)
-    if not list_path.is_file():
-        raise FileNotFoundError(f"image list {list_path} not found")
-    lines = (line.split("#", 1)[0].strip() for line in list_path.read_text().splitlines())
-    names = [line for line in lines if line]
+    names = read_image_list(list_path)
     if len(names) != 2:
-        raise InputError(
-            f"{list_path}: expected exactly two image names (one a line), found {len(names)}"
-            + (f": {', '.join(names)}" if names else "")
-        )
+        raise InputError(f"{list_path}: expected exactly two image names (one a line), found {len(names)}"
+                         + (f": {', '.join(names)}" if names else ""))
     return names[0], names[1]
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Match the DELF features of two images (KD-tree + affine RANSAC) and draw the inliers."
-    )
-    parser.add_argument("--images_path", required=True, help="directory holding the two images")
-    parser.add_argument("--features_path", required=True, help="feature store (.h5) holding both images' features")
-    parser.add_argument(
-        "--list_images_path",
-        default=None,
-        help="file with the two image names, one a line (default list_images.txt; not with --image_1/2)",
-    )
-    parser.add_argument("--image_1", help="first image name (without suffix)")
-    parser.add_argument("--image_2", help="second image name (without suffix)")
-    parser.add_argument("--output_image", default="eval_match.png", help="PNG to write")
-    parser.add_argument("--engine", choices=ENGINES, default="opencv", help="RANSAC implementation")
-    parser.add_argument("--seed", type=int, default=0, help="RANSAC seed (default 0)")
-    parser.add_argument("--distance_threshold", type=float, default=0.8, help="descriptor distance bound")
-    parser.add_argument("--residual_threshold", type=float, default=20.0, help="RANSAC inlier distance in pixels")
-    return parser.parse_args(argv)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    """CLI: match two images' stored features, log the inlier count, save the figure."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images_path", required=True, help="directory holding the two images")
+    parser.add_argument("--features_path", required=True, help="feature store (.h5) holding both images' features")
+    parser.add_argument("--list_images_path", default=None, help="file with the two image names, one a line "
+                        "(default list_images.txt; not with --image_1/2)")
+    parser.add_argument("--image_1", help="first image name (without suffix)")
+    parser.add_argument("--image_2", help="second image name (without suffix)")
+    parser.add_argument("--output_image", default="eval_match.png", help="PNG to write")
+    config, args = get_config_and_args(argv, parser)
+    setup_logging(terminal_level=logging.INFO)
     if args.image_1 or args.image_2:
         if not (args.image_1 and args.image_2):
             raise InputError("give both --image_1 and --image_2 (or neither, to use --list_images_path)")
@@ -331,22 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         names = (args.image_1, args.image_2)
     else:
         names = read_image_pair_list(args.list_images_path or "list_images.txt")
-
+    require_writable(args.output_image, "output image")
     image_paths = [find_image(args.images_path, name) for name in names]
     with FeatureStore(require_store(args.features_path)) as store:
         features = [store.get(image_id(name)) for name in names]
 
-    result = match_features(
-        features[0],
-        features[1],
-        distance_threshold=args.distance_threshold,
-        residual_threshold=args.residual_threshold,
-        seed=args.seed,
-        engine=args.engine,
-    )
+    result = match_features(*features, **dataclasses.asdict(config.matching), seed=config.seed)
     LOGGER.info("Found %d inliers (%d putative matches)", result.num_inliers, result.num_putative)
     title = f"{image_id(names[0])} - {image_id(names[1])}: {result.num_inliers} inliers"
-    draw_matches(*(load_image(p) for p in image_paths), result, args.output_image, title=title)
+    draw_matches(*(load_image(path) for path in image_paths), result, args.output_image, title=title)
     LOGGER.info("Saved %s", args.output_image)
     if result.transform is None:
         print("no affine transform found")
@@ -357,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,7 +38,7 @@ def random_checkpoint(tmp_path_factory) -> Path:
     """A DELF checkpoint (state 'test') with seeded random weights, in the format training writes."""
     import mindspore
 
-    from src.delf_model import KERAS1_BN_EPSILON, DelfModel
+    from src.model.network import KERAS1_BN_EPSILON, DelfModel
 
     mindspore.set_seed(0)
     model = DelfModel("test")
@@ -50,7 +50,7 @@ def random_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_model(random_checkpoint):
     """The network of `random_checkpoint`, loaded as extraction loads it (native convolutions)."""
-    from src.delf_model import build_model
+    from src.model.weights import build_model
 
     network = build_model("test", weights_path=str(random_checkpoint), conv_impl="native",
                           required_prefixes=("backbone.", "attention."))

@@ -14,14 +14,9 @@ import pytest
 from gldv2_fixture import make_tiny_gldv2
 from PIL import Image
 
-from src.build_image_dataset import (
-    build_image_dataset,
-    main,
-    relabel,
-    select_clean,
-    split_train_validation,
-)
-from src.errors import InputError
+from model_utils.cli import InputError
+from src.build_image_dataset import main
+from src.training.build_image_dataset import build_image_dataset, relabel, select_clean, split_train_validation
 
 
 def read_records(first_shard: Path) -> dict[str, tuple[int, bytes]]:

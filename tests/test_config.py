@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model_utils.config import ConfigError, DelfConfig, get_config
-from src.delf_config import DEFAULT_IMAGE_SCALES, ExtractionConfig
+from model_utils.config import DEFAULT_IMAGE_SCALES, ConfigError, DelfConfig, ExtractionConfig, get_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

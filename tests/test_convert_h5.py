@@ -16,9 +16,8 @@ from keras_weights import (
 from mindspore import Tensor
 from PIL import Image
 
-from src.convert_h5_to_weight import convert, load_pretrained, read_keras_h5
-from src.delf_model import build_model
-from src.errors import InputError
+from model_utils.cli import InputError
+from src.model.weights import build_model, convert, load_pretrained, read_keras_h5
 
 LAYOUTS = {
     "keras1": (write_keras1_h5, 1e-3),

@@ -14,9 +14,9 @@ import pytest
 from gldv2_fixture import make_tiny_gldv2
 from PIL import Image
 
-from src.build_image_dataset import build_image_dataset
-from src.data_augmentation_parallel import create_dataset, find_shards, read_num_classes, set_dataset_seed
-from src.errors import InputError
+from model_utils.cli import InputError
+from src.training.build_image_dataset import build_image_dataset
+from src.training.data import create_dataset, find_shards, read_num_classes, set_dataset_seed
 
 SIZE = 32
 

@@ -11,19 +11,15 @@ import numpy as np
 import pytest
 import scipy.io
 
-from src.dataset import (
-    compute_ap,
-    compute_map,
-    evaluate,
-    format_metrics,
+from model_utils.cli import InputError
+from src.dataset import main
+from src.evaluation.ground_truth import (
     load_ground_truth,
-    main,
     protocol_ground_truth,
     read_classic_ground_truth,
     read_revisited_ground_truth,
-    write_metrics,
 )
-from src.errors import InputError
+from src.evaluation.metrics import compute_ap, compute_map, evaluate, format_metrics, write_metrics
 
 
 def column(*indices: int) -> np.ndarray:

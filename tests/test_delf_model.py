@@ -8,13 +8,8 @@ import pytest
 from mindspore import Tensor
 from PIL import Image
 
-from src.delf_model import (
-    Conv2d,
-    DelfModel,
-    block3_output_size,
-    normalize_images,
-    resolve_conv_impl,
-)
+from src.extraction.pyramid import normalize_images
+from src.model.network import Conv2d, DelfModel, block3_output_size, resolve_conv_impl
 
 
 def _randomize(model: DelfModel, seed: int = 0) -> dict:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.dataset import load_ground_truth
-from src.feature_io import FeatureStore
-from src.perform_retrieval import retrieve
+from src.evaluation.ground_truth import load_ground_truth
+from src.extraction.store import FeatureStore
+from src.retrieval.rerank import retrieve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Small pyramid and images: minutes, not hours, on 2 CPU cores.
@@ -121,7 +121,7 @@ def test_retrieval_script_one_line_errors(tmp_path, database, random_checkpoint)
 def test_two_extraction_workers_split_the_work_and_agree(database, random_checkpoint, evaluated, tmp_path):
     """DEVICES=0,1 on CPU: two worker processes, disjoint shards, the same features as one worker."""
     from model_utils.config import get_config
-    from src.build_feature_dataset import build_feature_dataset
+    from src.extraction.dataset import build_feature_dataset
 
     config = get_config(FAST_SETTINGS)
     ground_truth = load_ground_truth(database["gt_dir"], database["imlist"])

@@ -6,12 +6,14 @@ src/convert_h5_to_weight.py saves one (with bn_epsilon); export reads it like an
 
 import pytest
 
-from export import export_network, main, max_difference, run_exported
-from src.delf_config import ExtractionConfig
-from src.delf_model import block3_output_size, normalize_images
-from src.errors import InputError
-from src.image_io import load_image, resize_image
-from src.preprocess import canvas_sides, place_on_canvas
+from export import main
+from model_utils.cli import InputError
+from model_utils.config import ExtractionConfig
+from src.ascend310.preprocess import canvas_sides, place_on_canvas
+from src.extraction.images import load_image, resize_image
+from src.extraction.pyramid import normalize_images
+from src.model.export import export_network, max_difference, run_exported
+from src.model.network import block3_output_size
 
 TOLERANCE = 1e-5
 

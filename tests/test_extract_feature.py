@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.delf_config import ExtractionConfig
-from src.delf_model import DelfModel
-from src.extract_feature import DelfExtractor, extract, extract_to_store, fit_image_size
-from src.feature_io import FeatureStore
-from src.image_io import load_image, resize_image
-from src.match_images import match_features
+from model_utils.config import ExtractionConfig
+from src.extraction.extractor import DelfExtractor, extract, extract_to_store
+from src.extraction.images import load_image, resize_image
+from src.extraction.pyramid import fit_image_size
+from src.extraction.store import FeatureStore
+from src.matching.verify import match_features
+from src.model.network import DelfModel
 
 # Keep every cell (softplus >= 0): random weights give small attention scores.
 KEEP_ALL = dict(score_threshold=0.0, use_pca=False)

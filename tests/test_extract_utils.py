@@ -3,15 +3,11 @@
 import numpy as np
 import pytest
 
-from src.delf_config import ExtractionConfig
-from src.errors import InputError
-from src.extract_utils_np import (
-    PcaParameters,
-    PyramidLevel,
-    load_pca,
-    postprocess_descriptors,
-    select_keypoints,
-)
+from model_utils.cli import InputError
+from model_utils.config import ExtractionConfig
+from src.extraction.keypoints import select_keypoints
+from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
+from src.extraction.pyramid import PyramidLevel
 
 
 def coded_features(level, depth, height, width):
@@ -199,7 +195,7 @@ def test_load_pca_checks_files(tmp_path):
 
 
 def test_load_pca_reads_tf_datum_files(tmp_path):
-    from src.datum_io import write_datum
+    from src.extraction.datum_io import write_datum
 
     write_datum(tmp_path / "mean.datum", np.arange(4, dtype=np.float32))
     write_datum(tmp_path / "proj.datum", np.eye(4, dtype=np.float32))

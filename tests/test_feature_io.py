@@ -12,8 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from src.errors import InputError
-from src.feature_io import FeatureStore, LocalFeatures, atomic_output, export_npz, main
+from model_utils.cli import InputError
+from model_utils.files import atomic_output
+from src.extraction.store import FeatureStore, LocalFeatures, export_npz
+from src.feature_io import main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ODD_IDS = ["dir/name.jpg", "a/b/c", "..", ".", "100%", "x y", "caf\u00e9", "%2F", "dir%2Fname.jpg"]
@@ -23,7 +25,7 @@ def make_features(index, count=None, depth=64, version=0):
     """Deterministic features of image `index` (also run inside the crash-test subprocesses)."""
     import numpy as np  # imported here because this source also runs on its own
 
-    from src.feature_io import LocalFeatures
+    from src.extraction.store import LocalFeatures
 
     rng = np.random.default_rng(1000 * version + index)
     count = 5 + index % 7 if count is None else count
@@ -174,7 +176,7 @@ def test_export_npz_and_cli(tmp_path, capsys):
 
 
 PUT_LOOP = """
-from src.feature_io import FeatureStore
+from src.extraction.store import FeatureStore
 total, die_in_write = int(sys.argv[2]), int(sys.argv[3])
 if die_in_write >= 0:  # write half of the n-th journal entry of this run, then SIGKILL
     import io
@@ -242,7 +244,7 @@ def test_sigkill_during_puts_then_resume(tmp_path, kill):
 
 
 KILL_IN_COMPACTION = """
-from src.feature_io import FeatureStore
+from src.extraction.store import FeatureStore
 real_replace = os.replace
 def replace_then_maybe_die(source, target):
     if str(target) == sys.argv[1]:  # the compaction's os.replace of the store itself
@@ -290,7 +292,7 @@ def test_sigkill_inside_compaction(tmp_path, moment):
 
 
 COMPACT_BIG = """
-from src.feature_io import FeatureStore
+from src.extraction.store import FeatureStore
 store = FeatureStore(sys.argv[1])
 for i in range(60, 120):
     store.put(f"im{i}", make_features(i, count=300, depth=128), image_size=(5, 5), settings_hash="h")
@@ -331,7 +333,7 @@ def test_sigkill_at_random_moments_of_a_compaction(tmp_path):
 
 
 CONCURRENT_WRITER = """
-from src.feature_io import FeatureStore
+from src.extraction.store import FeatureStore
 store = FeatureStore(sys.argv[1])
 for i in range(int(sys.argv[2]), int(sys.argv[3])):
     store.put(f"im{i}", make_features(i), image_size=(5, 5), settings_hash="h")

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from src.delf_config import ExtractionConfig
-from src.errors import InputError
-from src.extract_utils_np import load_pca, postprocess_descriptors
-from src.feature_io import FeatureStore, LocalFeatures
-from src.fit_pca import fit_pca, load_raw_descriptors, main, save_pca
+from model_utils.cli import InputError
+from model_utils.config import ExtractionConfig
+from src.extraction.pca import fit_pca, load_pca, load_raw_descriptors, postprocess_descriptors, save_pca
+from src.extraction.store import FeatureStore, LocalFeatures
+from src.fit_pca import main
 
 
 def anisotropic_data(rng, count, depth):

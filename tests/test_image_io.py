@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.errors import InputError
-from src.image_io import find_images, load_image
+from model_utils.cli import InputError
+from model_utils.files import list_images
+from src.extraction.images import load_image
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +73,13 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
         load_image(path)
 
 
-def test_find_images(tmp_path, photo):
+def test_list_images(tmp_path, photo):
     (tmp_path / "sub").mkdir()
     _save(Image.fromarray(photo[:20, :20]), tmp_path / "a.JPG")
     _save(Image.fromarray(photo[:20, :20]), tmp_path / "sub" / "b.png")
     (tmp_path / "readme.txt").write_text("x")
-    assert list(find_images(tmp_path)) == ["a", "sub/b"]
+    assert list(list_images(tmp_path)) == ["a", "sub/b"]
     with pytest.raises(InputError, match="image 'c' not found"):
-        find_images(tmp_path, ["a", "c"])
+        list_images(tmp_path, ["a", "c"])
 
 

@@ -18,18 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import export_network
-from src.box_list_ops_np import receptive_boxes
-from src.delf_config import ExtractionConfig
-from src.delf_model import block3_output_size, normalize_images
-from src.errors import InputError
-from src.extract_feature import DelfExtractor, checkpoint_id, extract_to_store
-from src.feature_io import FeatureStore
-from src.image_io import find_images, load_image, resize_image
-from src.infer_mindir import main as infer_main
-from src.infer_mindir import model_id, run_inference
-from src.postprocess import postprocess
-from src.preprocess import (
+from model_utils.cli import InputError
+from model_utils.config import ExtractionConfig
+from model_utils.files import list_images
+from src.ascend310.postprocess import postprocess
+from src.ascend310.preprocess import (
     DEFAULT_STORE,
     DONE_MARKER,
     INPUTS_DIR,
@@ -40,8 +33,17 @@ from src.preprocess import (
     place_on_canvas,
     plan_jobs,
     preprocess,
-    pyramid_inputs,
 )
+from src.ascend310.runner import main as infer_main
+from src.ascend310.runner import model_id, run_inference
+from src.extraction.extractor import DelfExtractor, extract_to_store
+from src.extraction.images import load_image, resize_image
+from src.extraction.keypoints import receptive_boxes
+from src.extraction.pyramid import normalize_images, pyramid_inputs
+from src.extraction.store import FeatureStore
+from src.model.export import export_network
+from src.model.network import block3_output_size
+from src.model.weights import checkpoint_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ("sacre_coeur1", "sacre_coeur2")
@@ -117,7 +119,7 @@ def test_canvas_sides_hold_every_level_of_any_image():
 def test_canvas_keeps_maps_aligned_and_changes_only_cells_that_see_the_padding(mindir, photo_385x417):
     """An odd-sized level on a canvas: cells whose 291-px receptive field lies inside the level are
     unchanged; without the one-pixel offset conv1 would sample other pixels and change them all."""
-    from src.infer_mindir import load_mindir
+    from src.model.export import load_mindir
 
     network = load_mindir(mindir)
     level = normalize_images(photo_385x417[None])
@@ -166,11 +168,11 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
     assert [(job.store, job.image_id) for job in jobs] == [(DEFAULT_STORE, name) for name in PAIR]
     assert run_310_path(jobs, config, mindir, tmp_path / "work", tmp_path / "features") == 2
 
-    from src.extract_utils_np import load_pca
+    from src.extraction.pca import load_pca
 
     extractor = DelfExtractor(model, config, load_pca(config))
     with FeatureStore(tmp_path / "direct.h5") as store:
-        extract_to_store(find_images(images_dir, list(PAIR)), store, extractor, "direct", progress=False)
+        extract_to_store(list_images(images_dir, list(PAIR)), store, extractor, "direct", progress=False)
     for name in PAIR:
         via_310, attributes = read_store(tmp_path / "features" / DEFAULT_STORE, name)
         direct, direct_attributes = read_store(tmp_path / "direct.h5", name)

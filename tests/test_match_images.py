@@ -17,18 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.errors import InputError
-from src.feature_io import FeatureStore, LocalFeatures
-from src.image_io import find_image, image_id
-from src.match_images import (
-    MatchResult,
-    draw_matches,
-    find_putative_matches,
-    main,
-    match_features,
-    read_image_pair_list,
-    side_by_side,
-)
+from model_utils.cli import InputError
+from model_utils.files import find_image, image_id
+from src.extraction.store import FeatureStore, LocalFeatures
+from src.match_images import main, read_image_pair_list
+from src.matching.draw import draw_matches, side_by_side
+from src.matching.verify import MatchResult, find_putative_matches, match_features
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Image-1 (x, y, 1) -> image-2 (x, y): scale ~0.85, rotation ~15 degrees, a little shear.

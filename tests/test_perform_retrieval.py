@@ -20,19 +20,14 @@ import pytest
 from scipy.spatial import cKDTree
 
 import src.perform_retrieval as retrieval
-from src.dataset import evaluate, protocol_ground_truth
-from src.errors import InputError
-from src.feature_io import FeatureStore, LocalFeatures
-from src.match_images import match_features
-from src.perform_retrieval import (
-    build_descriptor_index,
-    find_neighbors,
-    main,
-    rerank_by_inliers,
-    retrieve,
-    save_ranks,
-    vote_scores,
-)
+from model_utils.cli import InputError
+from src.evaluation.ground_truth import protocol_ground_truth
+from src.evaluation.metrics import evaluate
+from src.extraction.store import FeatureStore, LocalFeatures
+from src.matching.verify import match_features
+from src.perform_retrieval import main
+from src.retrieval.index import build_descriptor_index, find_neighbors, vote_scores
+from src.retrieval.rerank import rerank_by_inliers, retrieve, save_ranks
 
 DIM = 40
 SCENE_POINTS = 160

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.fit_pca import fit_pca, save_pca
+from src.extraction.pca import fit_pca, save_pca
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL_PYRAMID = ["--extraction.image_scales=[0.3536,0.5]", "--extraction.score_threshold=0"]

@@ -31,12 +31,13 @@ from keras_weights import random_keras_arrays, write_keras1_h5
 from mindspore import Tensor, nn, ops
 
 import train
+from model_utils.cli import InputError
 from model_utils.config import get_config
-from src.build_image_dataset import build_image_dataset
-from src.delf_model import DelfModel, normalize_images
-from src.errors import InputError
-from src.image_io import load_image, resize_image
-from src.train_utils import (
+from src.extraction.images import load_image, resize_image
+from src.extraction.pyramid import normalize_images
+from src.model.network import DelfModel
+from src.training.build_image_dataset import build_image_dataset
+from src.training.step import (
     LOGGER,
     CheckpointSaver,
     LinearDecayLR,
@@ -341,9 +342,10 @@ def test_attn_summary_and_profile_are_written(attention):
 
 @pytest.mark.slow
 def test_the_attn_checkpoint_loads_into_extraction(attention, images_dir):
-    from src.extract_feature import load_extraction_model
+    from model_utils.config import get_config
+    from src.model.weights import build_extraction_model
 
-    model = load_extraction_model(str(attention.result.checkpoints[-1]), "CPU", "native", 0.0, False, 128, 0)
+    model = build_extraction_model(get_config(["--conv_impl=native"]), str(attention.result.checkpoints[-1]))
     assert model.backbone.bn_conv1.eps == pytest.approx(1e-3)  # bn_epsilon travelled with the checkpoint
     trained = mindspore.load_checkpoint(str(attention.result.checkpoints[-1]))
     np.testing.assert_array_equal(model.attention.conv1.weight.asnumpy(),

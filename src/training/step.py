@@ -31,7 +31,8 @@ from mindspore import Tensor, nn, ops
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.train.callback import Callback
 
-from src.errors import InputError
+from model_utils.cli import InputError
+from model_utils.files import atomic_output
 
 GRADIENT_CLIP_NORM = 10.0
 MOMENTUM = 0.9
@@ -204,9 +205,8 @@ def list_checkpoints(directory: str | os.PathLike, stage: str) -> list[Path]:
 def save_training_checkpoint(train_step: ClippedTrainStep, path: Path, bn_epsilon: float) -> None:
     """Write network + optimizer state + bn_epsilon atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.partial.ckpt")  # save_checkpoint insists on .ckpt
-    mindspore.save_checkpoint(train_step, str(temporary), append_dict={"bn_epsilon": float(bn_epsilon)})
-    os.replace(temporary, path)
+    with atomic_output(path, suffix=".ckpt") as temporary:  # save_checkpoint insists on .ckpt
+        mindspore.save_checkpoint(train_step, str(temporary), append_dict={"bn_epsilon": float(bn_epsilon)})
 
 
 def weights_fingerprint(train_step: ClippedTrainStep) -> str:

@@ -23,7 +23,6 @@ import math
 from collections import OrderedDict
 
 import mindspore
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, XavierUniform, initializer
 
@@ -135,7 +134,7 @@ class Bottleneck(nn.Cell):
 
 
 class ResNet50Backbone(nn.Cell):
-    """Keras ResNet50 up to block4, returning (block3, block4) with block3 at stride 32."""
+    """Keras ResNet50 up to block3 (stride 32); stage5 turns block3 into block4."""
 
     def __init__(self, bn_epsilon: float, impl: str) -> None:
         super().__init__()
@@ -152,13 +151,11 @@ class ResNet50Backbone(nn.Cell):
                 in_channels = out_channels
             setattr(self, f"stage{stage}", nn.SequentialCell(blocks))
 
-    def construct(self, x: Tensor, with_block4: bool = True) -> tuple[Tensor, Tensor]:
+    def construct(self, x: Tensor) -> Tensor:
+        """block3, the local-feature map; `stage5(block3)` is block4."""
         x = self.max_pool(self.relu(self.bn_conv1(self.conv1(x))))
         x = self.stage4(self.stage3(self.stage2(x)))
-        block3 = subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
-        if not with_block4:
-            return block3, block3
-        return block3, self.stage5(block3)
+        return subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
 
 
 class AttentionHead(nn.Cell):
@@ -247,10 +244,10 @@ class DelfModel(nn.Cell):
         return self.attention(expanded), reduced, reconstruction_loss
 
     def construct(self, images: Tensor):
+        block3 = self.backbone(images)
         if self.state == "tuning":
-            _, block4 = self.backbone(images)
+            block4 = self.backbone.stage5(block3)
             return self.desc_fc(block4.mean(axis=(2, 3)))
-        block3, _ = self.backbone(images, False)
         if self.state == "attn":
             block3 = ops.stop_gradient(block3)
             scores, _, reconstruction_loss = self._attention(block3)
@@ -260,7 +257,7 @@ class DelfModel(nn.Cell):
         return scores, local_features
 
 
-def resolve_conv_impl(conv_impl: str, device_target: str) -> str:
+def resolve_conv_impl(conv_impl: str) -> str:
     """'auto' is the native kernels on every device (fast on CPU once oneDNN is capped at AVX2)."""
     if conv_impl == "auto":
         return "native"
@@ -276,47 +273,3 @@ def block3_output_size(size: int) -> int:
     for _ in range(3):
         size = math.ceil(size / 2)
     return size
-
-
-def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 NHWC RGB -> float32 NCHW in [-1, 1], the network's input convention."""
-    images = np.asarray(images_uint8, dtype=np.float32)
-    return np.ascontiguousarray(((images - 128.0) / 128.0).transpose(0, 3, 1, 2))
-
-
-def assign_weights(model: DelfModel, tensors: dict[str, np.ndarray], source: str,
-                   required_prefixes: tuple[str, ...] = ("backbone.",)) -> list[str]:
-    """Copy arrays into the model's parameters; returns the names left at initial values.
-
-    Parameters under `required_prefixes` must all be present with the right shape; tensors the
-    model has no place for (optimizer state, the other stage's classifier) are ignored.
-    """
-    from src.errors import InputError
-
-    left_alone = []
-    for param in model.get_parameters():
-        array = tensors.get(param.name)
-        if array is None:
-            if param.name.startswith(required_prefixes):
-                raise InputError(f"{source}: has no tensor {param.name}")
-            left_alone.append(param.name)
-            continue
-        if tuple(array.shape) != tuple(param.shape):
-            raise InputError(f"{source}: tensor {param.name} has shape {tuple(array.shape)}, "
-                             f"the model expects {tuple(param.shape)}")
-        param.set_data(Tensor(np.asarray(array, dtype=np.float32)))
-    return left_alone
-
-
-def build_model(state: str, *, weights_path: str = "", num_classes: int = 1000, bn_epsilon: float = 0.0,
-                conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
-                required_prefixes: tuple[str, ...] = ("backbone.",)) -> DelfModel:
-    """A DelfModel with weights from a Keras .h5 or a .ckpt; bn_epsilon 0 follows the weights file."""
-    from src.convert_h5_to_weight import load_pretrained
-
-    tensors, file_epsilon = load_pretrained(weights_path) if weights_path else ({}, None)
-    epsilon = bn_epsilon or file_epsilon or KERAS1_BN_EPSILON
-    model = DelfModel(state, num_classes, epsilon, conv_impl, use_autoencoder, autoencoder_dim)
-    if tensors:
-        assign_weights(model, tensors, weights_path, required_prefixes)
-    return model

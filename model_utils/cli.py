@@ -1,0 +1,73 @@
+"""What every command-line entry point shares: the user-error type, the one-line error wrapper and
+the one logging setup."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class InputError(ValueError):
+    """Bad input the user can fix (a missing file, a corrupt image, a wrong setting).
+
+    The message names the file or setting and the problem; CLIs print it on one line.
+    """
+
+
+def cli_main(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Wrap a CLI's main(): user errors, missing files and a full disk end it with one line."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (InputError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as error:
+            # A full disk or a read-only location is the user's to fix, not a bug: one line, no traceback.
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+def setup_logging(log_path: str | Path | None = None, terminal_level: int = logging.WARNING) -> None:
+    """The suite's loggers ('delf.*'): INFO and up to `log_path`, `terminal_level` and up to stderr."""
+    terminal = logging.StreamHandler()
+    terminal.setLevel(terminal_level)
+    terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if terminal_level > logging.INFO
+                                            else "%(message)s"))
+    handlers: list[logging.Handler] = [terminal]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = logging.FileHandler(log_path)
+        log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        handlers.append(log_file)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+
+
+@contextlib.contextmanager
+def log_to_file(logger_name: str, log_path: str | Path) -> Iterator[logging.Logger]:
+    """Also write `logger_name`'s records to `log_path` while the block runs (one log per stage)."""
+    logger = logging.getLogger(logger_name)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,159 @@
+"""Files: the one atomic write, the one writability check and the one rule for "the images of a folder"."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from model_utils.cli import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; restore at once (single-threaded at call sites).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    The temporary name is `.<name>.<random>.<pid>.tmp<suffix>` (`suffix` for writers that insist on
+    an extension), so leftovers of killed processes can be recognised. The result is fsync'ed and
+    gets the permissions the umask gives a new file (the temporary stays private until renamed).
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}{TEMP_SUFFIX}{suffix}"
+    )
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)  # some writers (mindspore.export) leave files read-only
+        try:
+            os.fsync(descriptor)  # flush to disk so a power cut cannot leave a hole
+        finally:
+            os.close(descriptor)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        stream.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def require_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail before any work when `path` cannot be written (a directory, or a folder we cannot write).
+
+    The parent folder is created when missing, as the writers would.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder of {what} {path}: {error.strerror}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{what} {path} is not writable")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: folder {path.parent} is not writable")
+    return path
+
+
+def require_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {what} {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path} is not writable")
+    return path
+
+
+def read_image_list(list_path: str | os.PathLike) -> list[str]:
+    """Image names of a list file, one a line (blank lines and '#' comments ignored)."""
+    list_path = Path(list_path)
+    if not list_path.is_file():
+        raise FileNotFoundError(f"image list {list_path} not found")
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"image list {list_path} is not UTF-8 text") from None
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def image_id(name: str) -> str:
+    """The id of an image: its name (relative path) without a known image suffix."""
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix and suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def list_images(images_dir: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, Path]:
+    """Image id -> path of the images in a folder and its sub-folders, sorted by id.
+
+    An image is a file with one of IMAGE_SUFFIXES (any case); its id is its path relative to
+    `images_dir` without the suffix. Two files with one id (`dup.jpg`, `dup.png`) are refused,
+    never one silently dropped. `names` (ids, or names with a suffix) selects and orders images.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputError(f"image folder {images_dir} does not exist")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(images_dir.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.setdefault(path.relative_to(images_dir).with_suffix("").as_posix(), []).append(path)
+    collisions = {key: paths for key, paths in found.items() if len(paths) > 1}
+    if collisions:
+        listed = "; ".join(", ".join(str(p) for p in paths) for paths in collisions.values())
+        raise InputError(f"{len(collisions)} image name(s) in {images_dir} differ only by suffix, "
+                         f"so their features would collide: {listed}")
+    images = {key: paths[0] for key, paths in found.items()}
+    if names is None:
+        if not images:
+            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+        return images
+    wanted = [image_id(name) for name in names]
+    missing = [name for name in wanted if name not in images]
+    if missing:
+        raise InputError(f"{len(missing)} listed image(s) not found in {images_dir} "
+                         f"(any of {', '.join(IMAGE_SUFFIXES)}), first {missing[0]!r}")
+    return {name: images[name] for name in wanted}
+
+
+def find_image(images_dir: str | os.PathLike, name: str) -> Path:
+    """The image file `name` (with or without its suffix) in `images_dir`, by the rule of list_images."""
+    images_dir = Path(images_dir)
+    wanted = image_id(name)
+    folder = (images_dir / wanted).parent  # ids may hold sub-folders; list only that one
+    if not images_dir.is_dir():
+        raise InputError(f"image folder {images_dir} does not exist")
+    candidates = sorted(path for path in (folder.iterdir() if folder.is_dir() else ())
+                        if path.stem == Path(wanted).name and path.suffix.lower() in IMAGE_SUFFIXES
+                        and path.is_file())
+    if not candidates:
+        raise InputError(f"no image named {wanted!r} ({'/'.join(IMAGE_SUFFIXES)}) in {images_dir}")
+    if len(candidates) > 1:
+        raise InputError(f"image name {wanted!r} is ambiguous in {images_dir}: "
+                         + ", ".join(path.name for path in candidates))
+    return candidates[0]

@@ -1,0 +1,340 @@
+"""The HDF5 feature store: DELF local features of an image set, crash-safe and resumable.
+
+Layout: `<store>.h5` holds one group per image (locations, scales, descriptors, attention and the
+attributes image_id, image_size, settings_hash, num_features). HDF5 files can be corrupted by a
+process killed while it has them open for writing, so writers never open the store for writing:
+
+* `put` writes each image as `<store>.h5.journal/<encoded id>.npz`, to a temporary file first and
+  then os.replace'd, so a journal entry is either complete or absent. Several processes may put
+  into one store at once.
+* Readers see the HDF5 file plus the journal; a journal entry is newer and wins.
+* `compact` (one process at a time, under a lock) writes a NEW HDF5 file beside the store with the
+  old groups (copied by HDF5 itself) and the journal entries, os.replace's it over the store, and
+  only then deletes the merged journal entries.
+
+So a SIGKILL at any instant leaves the last complete store plus complete journal entries, and a
+resumed run (`is_done`) redoes only the image that was being written.
+
+CLI: python -m src.feature_io {export,compact,list} STORE ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from model_utils.cli import InputError
+from model_utils.files import TEMP_SUFFIX, atomic_output
+
+FIELDS = ("locations", "scales", "descriptors", "attention")
+JOURNAL_SUFFIX = ".journal"
+# File names are limited to 255 bytes on common file systems; keep room for the temp-file affixes.
+_MAX_ENCODED_ID = 200
+_TEMP_PATTERN = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")
+
+
+class LocalFeatures(NamedTuple):
+    locations: np.ndarray  # (N, 2) float32, (y, x) in original image pixels
+    scales: np.ndarray  # (N,) float32, 1 / pyramid scale
+    descriptors: np.ndarray  # (N, D) float32
+    attention: np.ndarray  # (N,) float32
+
+
+def _encode_id(image_id: str) -> str:
+    """A file- and HDF5-safe name for an image id: percent-encoding, with '.' encoded too."""
+    if not isinstance(image_id, str) or not image_id or "\0" in image_id:
+        raise InputError(f"image id must be a non-empty string without NUL characters, got {image_id!r}")
+    encoded = quote(image_id, safe="").replace(".", "%2E")
+    if len(encoded) > _MAX_ENCODED_ID:
+        raise InputError(
+            f"image id {image_id!r} is too long to store ({len(encoded)} characters encoded, "
+            f"at most {_MAX_ENCODED_ID})"
+        )
+    return encoded
+
+
+def _check_features(image_id: str, features: LocalFeatures) -> LocalFeatures:
+    arrays = [np.asarray(a, dtype=np.float32) for a in features]
+    locations, scales, descriptors, attention = arrays
+    count = locations.shape[0] if locations.ndim else -1
+    shapes_ok = (
+        locations.shape == (count, 2)
+        and scales.shape == (count,)
+        and descriptors.ndim == 2
+        and descriptors.shape[0] == count
+        and attention.shape == (count,)
+    )
+    if not shapes_ok:
+        raise InputError(
+            f"features of {image_id!r} have inconsistent shapes: locations {locations.shape}, scales "
+            f"{scales.shape}, descriptors {descriptors.shape}, attention {attention.shape}"
+        )
+    bad = [name for name, a in zip(FIELDS, arrays, strict=True) if not np.isfinite(a).all()]
+    if bad:
+        raise InputError(f"features of {image_id!r} contain NaN or infinity in {', '.join(bad)}")
+    return LocalFeatures(*arrays)
+
+
+def _pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temporaries(directory: Path, prefix: str) -> None:
+    """Delete temp files left by processes that no longer run (killed mid-write)."""
+    for path in directory.glob(f"{glob.escape(prefix)}*.tmp"):
+        match = _TEMP_PATTERN.search(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_is_running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+
+
+class FeatureStore:
+    """DELF features of an image set in one HDF5 file plus a journal; usable as a context manager."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.journal_dir = self.path.with_name(self.path.name + JOURNAL_SUFFIX)
+        self._h5: h5py.File | None = None
+        self._h5_identity: tuple[int, int, int] | None = None
+        self._written = False
+        if self.path.exists():
+            self._hdf5()  # fail early on a file that is not a feature store
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _hdf5(self) -> h5py.File | None:
+        """The store's HDF5 file, reopened when a compaction has replaced it; None if absent."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            identity = None
+        else:
+            identity = (status.st_dev, status.st_ino, status.st_mtime_ns)
+        if identity != self._h5_identity or (identity is not None and self._h5 is None):
+            if self._h5 is not None:
+                self._h5.close()
+                self._h5 = None
+            # Identity is taken before opening: a replacement in between only costs a spare reopen.
+            self._h5_identity = identity
+            if identity is not None:
+                try:
+                    self._h5 = h5py.File(self.path, "r")
+                except OSError as error:
+                    self._h5_identity = None
+                    raise InputError(f"{self.path} is not a readable HDF5 feature store: {error}") from None
+        return self._h5
+
+    def _journal_path(self, image_id: str) -> Path:
+        return self.journal_dir / (_encode_id(image_id) + ".npz")
+
+    def _read_journal(self, image_id: str, keys: Sequence[str]) -> dict | None:
+        """Arrays `keys` of the journal entry of `image_id`, or None if there is none."""
+        path = self._journal_path(image_id)
+        try:
+            # An .npz is a zip archive: only the members asked for are read.
+            with np.load(path, allow_pickle=False) as entry:
+                return {key: entry[key] for key in keys}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as error:
+            raise InputError(
+                f"journal entry {path} of feature store {self.path} is unreadable: {error}"
+            ) from None
+
+    def _group(self, image_id: str) -> h5py.Group | None:
+        h5 = self._hdf5()
+        name = _encode_id(image_id)
+        return h5[name] if h5 is not None and name in h5 else None
+
+    def _missing(self, image_id: str) -> InputError:
+        where = f"feature store {self.path}" + ("" if self.path.exists() else " (which does not exist yet)")
+        return InputError(f"no features for image {image_id!r} in {where}")
+
+    def get(self, image_id: str) -> LocalFeatures:
+        """The stored features of one image; InputError if it is not stored."""
+        # The journal first: compaction replaces the HDF5 file before deleting journal entries.
+        entry = self._read_journal(image_id, FIELDS)
+        if entry is not None:
+            return LocalFeatures(*(entry[name] for name in FIELDS))
+        group = self._group(image_id)
+        if group is None:
+            raise self._missing(image_id)
+        try:
+            return LocalFeatures(*(group[name][()] for name in FIELDS))
+        except KeyError as error:
+            raise InputError(
+                f"group {image_id!r} of feature store {self.path} is incomplete: {error}"
+            ) from None
+
+    def attributes(self, image_id: str) -> dict:
+        """image_size (h, w), settings_hash and num_features of one stored image."""
+        entry = self._read_journal(image_id, ("image_size", "settings_hash", "scales"))
+        if entry is not None:
+            size, settings_hash, count = entry["image_size"], entry["settings_hash"], entry["scales"].shape[0]
+        else:
+            group = self._group(image_id)
+            if group is None:
+                raise self._missing(image_id)
+            attrs = group.attrs
+            size, settings_hash, count = attrs["image_size"], attrs["settings_hash"], attrs["num_features"]
+        return {
+            "image_size": (int(size[0]), int(size[1])),
+            "settings_hash": str(settings_hash),
+            "num_features": int(count),
+        }
+
+    def is_done(self, image_id: str, settings_hash: str) -> bool:
+        """True when the image is stored and was extracted with these settings."""
+        try:
+            return self.attributes(image_id)["settings_hash"] == settings_hash
+        except InputError:
+            return False
+
+    def image_ids(self) -> list[str]:
+        """Every stored image id, sorted."""
+        names = set()
+        if self.journal_dir.is_dir():
+            names.update(p.name[: -len(".npz")] for p in self.journal_dir.glob("*.npz"))
+        h5 = self._hdf5()
+        if h5 is not None:
+            names.update(h5.keys())
+        return sorted(unquote(name) for name in names)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(
+        self, image_id: str, features: LocalFeatures, *, image_size: tuple[int, int], settings_hash: str
+    ) -> None:
+        """Store one image's features atomically (as a journal entry); replaces an older entry."""
+        features = _check_features(image_id, features)
+        height, width = (int(v) for v in image_size)
+        if height <= 0 or width <= 0:
+            raise InputError(f"image_size of {image_id!r} must be positive (h, w), got {image_size}")
+        if not settings_hash:
+            raise InputError(f"settings_hash of {image_id!r} must be a non-empty string")
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self._journal_path(image_id)) as temporary, open(temporary, "wb") as file:
+            np.savez(
+                file,
+                **features._asdict(),
+                image_id=np.array(image_id),
+                image_size=np.array([height, width], dtype=np.int64),
+                settings_hash=np.array(settings_hash),
+            )
+        self._written = True
+
+    def compact(self) -> None:
+        """Merge the journal into a new HDF5 file that replaces the store, then drop merged entries."""
+        if not self.journal_dir.is_dir():
+            return
+        lock = os.open(self.journal_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one compaction at a time; puts need no lock
+            _remove_dead_temporaries(self.journal_dir, ".")
+            _remove_dead_temporaries(self.path.parent, f".{self.path.name}.")
+            entries = sorted(self.journal_dir.glob("*.npz"))
+            if entries:
+                merged = self._write_compacted(entries)
+                for path, identity in merged:
+                    # A worker may have re-put this image meanwhile; keep that newer entry.
+                    with contextlib.suppress(FileNotFoundError):
+                        status = os.stat(path)
+                        if (status.st_ino, status.st_mtime_ns) == identity:
+                            path.unlink()
+        finally:
+            os.close(lock)
+
+    def _write_compacted(self, entries: list[Path]) -> list[tuple[Path, tuple[int, int]]]:
+        """Write old groups + journal `entries` to a new file that replaces the store."""
+        merged = []
+        old = self._hdf5()
+        journal_names = {path.name[: -len(".npz")] for path in entries}
+        kept_names = [name for name in old if name not in journal_names] if old is not None else []
+        show = len(kept_names) + len(entries) >= 1000
+        with atomic_output(self.path) as temporary, h5py.File(temporary, "w") as new:
+            new.attrs["format"] = "delf-features-v1"
+            for name in tqdm(kept_names, desc="compact: copy", unit="image", disable=not show):
+                old.copy(old[name], new, name=name)  # H5Ocopy: no round trip through NumPy
+            for path in tqdm(entries, desc="compact: journal", unit="image", disable=not show):
+                status = os.stat(path)
+                image_id = unquote(path.name[: -len(".npz")])
+                entry = self._read_journal(image_id, (*FIELDS, "image_size", "settings_hash"))
+                if entry is None:
+                    raise InputError(f"journal entry {path} vanished during compaction of {self.path}")
+                group = new.create_group(path.name[: -len(".npz")])
+                for name in FIELDS:
+                    group.create_dataset(name, data=entry[name])
+                group.attrs["image_id"] = image_id
+                group.attrs["image_size"] = entry["image_size"]
+                group.attrs["settings_hash"] = str(entry["settings_hash"])
+                group.attrs["num_features"] = entry["locations"].shape[0]
+                merged.append((path, (status.st_ino, status.st_mtime_ns)))
+        self._hdf5()  # pick up the new file
+        return merged
+
+    def close(self) -> None:
+        """Compact if this object wrote anything, then release the HDF5 file."""
+        try:
+            if self._written:
+                self.compact()
+                self._written = False
+        finally:
+            if self._h5 is not None:
+                self._h5.close()
+                self._h5 = None
+                self._h5_identity = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _npz_path(output_dir: Path, image_id: str) -> Path:
+    target = (output_dir / f"{image_id}.npz").resolve()
+    if not target.is_relative_to(output_dir.resolve()):
+        raise InputError(f"image id {image_id!r} would be exported outside {output_dir}")
+    return target
+
+
+def require_store(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or FileNotFoundError when neither the HDF5 file nor its journal exists."""
+    path = Path(path)
+    if not path.exists() and not path.with_name(path.name + JOURNAL_SUFFIX).is_dir():
+        raise FileNotFoundError(f"feature store {path} not found")
+    return path
+
+
+def export_npz(store_path: str | os.PathLike, output_dir: str | os.PathLike) -> int:
+    """Write one `<image_id>.npz` (locations, scales, descriptors, attention) per stored image.
+
+    Ids containing '/' become sub-directories. Returns the number of files written.
+    """
+    if not Path(store_path).exists():
+        raise FileNotFoundError(f"feature store {store_path} not found")
+    output_dir = Path(output_dir)
+    with FeatureStore(store_path) as store:
+        image_ids = store.image_ids()
+        for image_id in tqdm(image_ids, desc="export", unit="image"):
+            target = _npz_path(output_dir, image_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(target) as temporary, open(temporary, "wb") as file:
+                np.savez(file, **store.get(image_id)._asdict())
+    return len(image_ids)

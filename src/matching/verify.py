@@ -1,0 +1,200 @@
+"""Geometric verification of two images' DELF features: KD-tree putative matches + affine RANSAC.
+
+Putative matches follow the reference: every image-2 descriptor takes its nearest image-1
+descriptor when it is closer than `distance_threshold` (Euclidean on L2-normalised descriptors).
+An affine model is then fitted by RANSAC with one of two engines:
+
+- "opencv"  (default): cv2.estimateAffine2D, compiled; the whole step is ~30x faster
+  (bench/match.py), the KD-tree then being most of its time.
+- "skimage": skimage.measure.ransac + AffineTransform, the reference's own estimator.
+
+Unlike the reference, RANSAC is seeded, so the same inputs always give the same inlier count,
+and samples whose points are collinear are skipped by both engines (the reference's skimage call
+would fit them and count every point on that line as an inlier).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.spatial import cKDTree
+from skimage.measure import ransac
+from skimage.transform import AffineTransform
+
+from model_utils.cli import InputError
+from model_utils.config import MatchingConfig
+from src.extraction.store import LocalFeatures
+
+ENGINES = ("opencv", "skimage")
+NN_METHODS = ("kdtree", "brute")
+
+# cv2 stops once it is this sure an all-inlier sample was drawn. skimage (as the reference
+# calls it) never stops early, so ask for near-certainty: with this value cv2 still runs all
+# 1000 trials below ~27 % inliers, and above that stops only when the chance of not yet having
+# drawn an all-inlier sample is below 1e-9.
+OPENCV_CONFIDENCE = 1.0 - 1e-9
+# Levenberg-Marquardt steps on the inliers; an affine fit is linear, so a few steps reach the
+# least-squares model (skimage likewise refits its final model on all inliers).
+OPENCV_REFINE_ITERS = 10
+
+
+@dataclass
+class MatchResult:
+    """Outcome of verifying one image pair."""
+
+    num_inliers: int
+    num_putative: int
+    inliers_1: np.ndarray  # (K, 2) (y, x) locations in image 1 of the inlier correspondences
+    inliers_2: np.ndarray  # (K, 2) matching (y, x) locations in image 2
+    transform: np.ndarray | None  # 2x3 affine: image-1 (x, y, 1) -> image-2 (x, y); None if no model
+
+
+def find_putative_matches(
+    descriptors_1: np.ndarray, descriptors_2: np.ndarray, distance_threshold: float = 0.8, method: str = "kdtree"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (into image 1, into image 2): each image-2 descriptor's nearest image-1
+    descriptor, kept when strictly closer than `distance_threshold`.
+
+    `method` "kdtree" is the reference's cKDTree; "brute" finds the same exact nearest neighbours
+    with one matrix product, about 15x faster for 1000 x 1000 descriptors in 40-D (where a KD-tree
+    prunes little), which is what retrieval re-ranking uses.
+    """
+    if method not in NN_METHODS:
+        raise InputError(f"nearest-neighbour method must be one of {', '.join(NN_METHODS)}, got {method!r}")
+    if len(descriptors_1) == 0 or len(descriptors_2) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    if method == "brute":
+        first = np.asarray(descriptors_1, dtype=np.float32)
+        second = np.asarray(descriptors_2, dtype=np.float32)
+        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
+        nearest = (second @ first.T - 0.5 * (first * first).sum(1)).argmax(axis=1)
+        difference = second.astype(np.float64) - first[nearest].astype(np.float64)
+        matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
+        return nearest[matched].astype(np.int64), np.flatnonzero(matched)
+    tree = cKDTree(descriptors_1)
+    _, nearest = tree.query(descriptors_2, k=1, distance_upper_bound=distance_threshold)
+    # cKDTree reports "nothing within the bound" as index len(descriptors_1).
+    matched = nearest < len(descriptors_1)
+    return nearest[matched].astype(np.int64), np.flatnonzero(matched)
+
+
+def _spans_plane(points: np.ndarray) -> bool:
+    """False when the points are (numerically) collinear or coincide: no affine map is defined."""
+    centred = points - points.mean(axis=0)
+    sxx, syy = (centred**2).sum(axis=0)
+    sxy = (centred[:, 0] * centred[:, 1]).sum()
+    return bool(sxx * syy - sxy**2 > 1e-12 * (sxx + syy) ** 2 and sxx + syy > 0)
+
+
+def _sample_is_valid(sample_1: np.ndarray, sample_2: np.ndarray) -> bool:
+    # cv2 rejects degenerate samples the same way; without this skimage would accept the
+    # rank-deficient fit of collinear points and call every collinear point an inlier.
+    return _spans_plane(sample_1) and _spans_plane(sample_2)
+
+
+def _ransac_skimage(points_1, points_2, residual_threshold, max_trials, min_samples, seed):
+    with warnings.catch_warnings():
+        # Finding no model is an ordinary outcome for unrelated images, not a warning.
+        warnings.filterwarnings("ignore", message="No inliers found")
+        model, inliers = ransac(
+            (points_1, points_2),
+            AffineTransform,
+            min_samples=min_samples,
+            residual_threshold=residual_threshold,
+            max_trials=max_trials,
+            is_data_valid=_sample_is_valid,
+            rng=seed,
+        )
+    if not model or inliers is None:  # None, or a falsy FailedEstimation in skimage >= 0.26
+        return None, np.zeros(len(points_1), dtype=bool)
+    return np.asarray(model.params[:2], dtype=np.float64).copy(), np.asarray(inliers, dtype=bool)
+
+
+def _ransac_opencv(points_1, points_2, residual_threshold, max_trials, seed):
+    # cv2's RANSAC draws samples from an RNG with a fixed internal seed (cv2.setRNGSeed has no
+    # effect), so it is reproducible by itself; shuffling the correspondences with `seed` makes
+    # the seed choose which samples are drawn, as it does for skimage.
+    order = np.random.default_rng(seed).permutation(len(points_1))
+    transform, mask = cv2.estimateAffine2D(
+        np.ascontiguousarray(points_1[order], dtype=np.float32),
+        np.ascontiguousarray(points_2[order], dtype=np.float32),
+        method=cv2.RANSAC,
+        ransacReprojThreshold=float(residual_threshold),
+        maxIters=int(max_trials),
+        confidence=OPENCV_CONFIDENCE,
+        refineIters=OPENCV_REFINE_ITERS,
+    )
+    inliers = np.zeros(len(points_1), dtype=bool)
+    if transform is None:
+        return None, inliers
+    inliers[order] = mask.ravel().astype(bool)
+    return transform.astype(np.float64), inliers
+
+
+def _check_features(features: LocalFeatures, name: str) -> None:
+    locations, descriptors = np.asarray(features.locations), np.asarray(features.descriptors)
+    if locations.ndim != 2 or locations.shape[1] != 2:
+        raise InputError(f"{name}: locations must have shape (N, 2), got {locations.shape}")
+    if descriptors.ndim != 2 or len(descriptors) != len(locations):
+        raise InputError(
+            f"{name}: descriptors must have shape (N, D) with N = {len(locations)} locations, got {descriptors.shape}"
+        )
+
+
+def _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples) -> None:
+    MatchingConfig(distance_threshold, residual_threshold, max_trials, min_samples, engine)  # validates
+
+
+def match_features(
+    features_1: LocalFeatures,
+    features_2: LocalFeatures,
+    *,
+    distance_threshold: float = 0.8,
+    residual_threshold: float = 20.0,
+    max_trials: int = 1000,
+    min_samples: int = 3,
+    seed: int = 0,
+    engine: str = "opencv",
+    nn_method: str = "kdtree",
+) -> MatchResult:
+    """Verify two images' local features (only .locations (y, x) and .descriptors are used).
+
+    Fewer than `min_samples` + 1 putative matches give 0 inliers without running RANSAC.
+    """
+    _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples)
+    _check_features(features_1, "image 1 features")
+    _check_features(features_2, "image 2 features")
+    descriptors_1, descriptors_2 = np.asarray(features_1.descriptors), np.asarray(features_2.descriptors)
+    if len(descriptors_1) and len(descriptors_2) and descriptors_1.shape[1] != descriptors_2.shape[1]:
+        raise InputError(
+            f"descriptor sizes differ: image 1 has {descriptors_1.shape[1]}-D, "
+            f"image 2 has {descriptors_2.shape[1]}-D (features from different extraction settings?)"
+        )
+
+    index_1, index_2 = find_putative_matches(descriptors_1, descriptors_2, distance_threshold, nn_method)
+    locations_1 = np.asarray(features_1.locations, dtype=np.float64)[index_1]
+    locations_2 = np.asarray(features_2.locations, dtype=np.float64)[index_2]
+    num_putative = len(index_1)
+    no_model = MatchResult(0, num_putative, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
+    if num_putative < min_samples + 1:
+        return no_model
+
+    # Locations are (y, x); RANSAC works in (x, y) so the transform follows OpenCV's convention.
+    points_1, points_2 = locations_1[:, ::-1], locations_2[:, ::-1]
+    if engine == "opencv":
+        transform, inliers = _ransac_opencv(points_1, points_2, residual_threshold, max_trials, seed)
+    else:
+        transform, inliers = _ransac_skimage(points_1, points_2, residual_threshold, max_trials, min_samples, seed)
+    if transform is None:
+        return no_model
+    return MatchResult(
+        num_inliers=int(inliers.sum()),
+        num_putative=num_putative,
+        inliers_1=locations_1[inliers].astype(np.float32),
+        inliers_2=locations_2[inliers].astype(np.float32),
+        transform=transform,
+    )

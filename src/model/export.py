@@ -1,0 +1,94 @@
+"""Exporting the DELF extraction network (DelfModel "test": image -> attention, block3) as MindIR or ONNX,
+and running an exported file to check it against the framework.
+
+Input shapes: one dynamic-H/W MindIR (each pyramid level at its own size, exactly the features of
+direct extraction), or one static model per distinct (H, W) for devices that need fixed shapes
+(Ascend 310) and for ONNX, whose MindSpore exporter has no dynamic shapes. The network always uses
+MindSpore's native convolutions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mindspore
+import numpy as np
+from mindspore import Tensor, nn
+
+from model_utils.cli import InputError
+from model_utils.files import atomic_output
+
+FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
+INPUT_SHAPES = ("auto", "dynamic", "static")
+
+
+def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
+                   input_sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+    """Export `model` (DelfModel "test", native convolutions); returns the written files.
+
+    input_sizes None: one dynamic-H/W model `<file_name>.mindir`; otherwise one static model per
+    distinct (H, W), `<file_name>_<H>x<W>.<ext>`.
+    """
+    if file_format not in FORMATS:
+        raise InputError(f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    suffix = FORMATS[file_format]
+    base = Path(str(file_name)[: -len(suffix)] if str(file_name).endswith(suffix) else str(file_name))
+    if input_sizes is None:
+        if file_format != "MINDIR":
+            raise InputError("MindSpore's ONNX exporter has no dynamic shapes: use --input_shape static "
+                             "(with extraction.max_image_size) for ONNX")
+        targets = [(base.with_name(base.name + suffix), Tensor(shape=[1, 3, None, None], dtype=mindspore.float32))]
+    else:
+        targets = [(base.with_name(f"{base.name}_{height}x{width}{suffix}"),
+                    Tensor(np.zeros((1, 3, height, width), np.float32)))
+                   for height, width in dict.fromkeys(input_sizes)]
+    model.set_train(False)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for target, example in targets:
+        with atomic_output(target, suffix=suffix) as temporary:
+            mindspore.export(model, example, file_name=str(temporary), file_format=file_format)
+        written.append(target)
+    return written
+
+
+def load_mindir(path: str | Path):
+    """An nn.GraphCell of a MindIR file; InputError naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"MindIR file not found: {path}")
+    try:
+        graph = mindspore.load(str(path))
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"{path} is not a readable MindIR file (corrupt or truncated? export it again "
+                         f"with export.py): {str(error).splitlines()[0]}") from None
+    return nn.GraphCell(graph)
+
+
+def run_exported(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(attention, features) of an exported file on a (1, 3, H, W) float32 batch.
+
+    MindIR runs through mindspore.load + nn.GraphCell, ONNX through onnxruntime (a test-only
+    dependency, imported here only).
+    """
+    path = Path(path)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if path.suffix == ".onnx":
+        import onnxruntime  # test-only dependency
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        attention, features = session.run(None, {session.get_inputs()[0].name: images})
+        return attention, features
+    attention, features = load_mindir(path)(Tensor(images))
+    return attention.asnumpy(), features.asnumpy()
+
+
+def max_difference(model, path: str | Path, images: np.ndarray) -> tuple[float, float]:
+    """Largest absolute differences (attention, features) between `model` and its export on `images`."""
+    model.set_train(False)
+    expected = [output.asnumpy() for output in model(Tensor(np.asarray(images, np.float32)))]
+    actual = run_exported(path, images)
+    for want, got in zip(expected, actual, strict=True):
+        if want.shape != got.shape:
+            raise InputError(f"{path}: output shape {got.shape} differs from the framework's {want.shape}")
+    return tuple(float(np.abs(want - got).max()) for want, got in zip(expected, actual, strict=True))

@@ -1,0 +1,242 @@
+"""Weights: Keras ResNet50 ImageNet files (.h5), MindSpore checkpoints, and building a DelfModel from them.
+
+Two different files are called `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`:
+- "keras1": the fchollet deep-learning-models v0.2 release the reference downloads. Layers
+  `conv1`, `bn_conv1`, `res2a_branch2a`, `bn2a_branch2a`, ...; weights `<layer>_W_1:0`,
+  `<layer>_b_1:0`, `<bn>_gamma_1:0`, `_beta_1:0`, `_running_mean_1:0`, `_running_std_1:0`
+  (which, despite its name, holds the moving variance). BatchNorm epsilon 1e-3.
+- "keras_applications": the newer keras.applications file. Layers `conv1_conv`, `conv1_bn`,
+  `conv2_block1_1_conv`, ... (`_0_` is the shortcut); weights `<layer>/kernel:0`,
+  `<layer>/moving_variance:0`, .... BatchNorm epsilon 1.001e-5.
+
+Names are read from the file's own `layer_names` / `weight_names` attributes. Kernels are
+stored HWIO and become OIHW. A missing, extra or mis-shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import mindspore
+import numpy as np
+from mindspore import Tensor
+
+from model_utils.cli import InputError
+from model_utils.config import DelfConfig
+from model_utils.files import atomic_output
+from src.model.network import KERAS1_BN_EPSILON, DelfModel, ResNet50Backbone, resolve_conv_impl
+
+LOGGER = logging.getLogger("delf.weights")
+
+SCHEME_EPSILON = {"keras1": 1e-3, "keras_applications": 1.001e-5}
+BLOCK_LETTERS = "abcdef"
+_KERAS1_SUFFIX = re.compile(r"_(W|b|gamma|beta|running_mean|running_std)(_\d+)?:0$")
+_KERAS1_LAYER = re.compile(r"^(res|bn)(\d)([a-f])_branch(2a|2b|2c|1)$")
+_APPS_LAYER = re.compile(r"^conv(\d)_block(\d)_(\d)_(conv|bn)$")
+_TENSOR_NAMES = {
+    "W": "weight", "b": "bias", "gamma": "gamma", "beta": "beta",
+    "running_mean": "moving_mean", "running_std": "moving_variance",
+    "kernel": "weight", "bias": "bias", "moving_mean": "moving_mean", "moving_variance": "moving_variance",
+}
+_APPS_BRANCH = {"1": "2a", "2": "2b", "3": "2c", "0": "1"}
+
+
+class KerasWeights(NamedTuple):
+    tensors: dict[str, np.ndarray]  # MindSpore parameter name -> array (conv kernels OIHW)
+    scheme: str
+    bn_epsilon: float
+
+
+def _decode(names) -> list[str]:
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+
+
+def _cell_name(layer: str, scheme: str) -> str | None:
+    """MindSpore cell path of a Keras layer, or None for a layer that is not ours."""
+    if layer in ("conv1", "conv1_conv"):
+        return "backbone.conv1"
+    if layer in ("bn_conv1", "conv1_bn"):
+        return "backbone.bn_conv1"
+    if scheme == "keras1":
+        match = _KERAS1_LAYER.match(layer)
+        if not match:
+            return None
+        kind, stage, letter, branch = match.groups()
+    else:
+        match = _APPS_LAYER.match(layer)
+        if not match:
+            return None
+        stage, block, branch_index, kind = match.groups()
+        letter = BLOCK_LETTERS[int(block) - 1]
+        branch = _APPS_BRANCH[branch_index]
+        kind = "res" if kind == "conv" else "bn"
+    cell = f"branch{branch}" if kind == "res" else f"bn{branch}"
+    return f"backbone.stage{stage}.res{stage}{letter}.{cell}"
+
+
+def _tensor_name(weight_name: str, scheme: str) -> str | None:
+    if scheme == "keras1":
+        match = _KERAS1_SUFFIX.search(weight_name)
+        return _TENSOR_NAMES[match.group(1)] if match else None
+    leaf = weight_name.rsplit("/", 1)[-1].split(":")[0]
+    return _TENSOR_NAMES.get(leaf)
+
+
+def _detect_scheme(layer_names: list[str], path: Path) -> str:
+    if "bn_conv1" in layer_names and "res2a_branch2a" in layer_names:
+        return "keras1"
+    if "conv1_bn" in layer_names and "conv2_block1_1_conv" in layer_names:
+        return "keras_applications"
+    raise InputError(f"{path}: not a Keras ResNet50 weights file "
+                     "(no conv1/bn_conv1 or conv1_conv/conv1_bn layers)")
+
+
+def expected_backbone_shapes() -> dict[str, tuple[int, ...]]:
+    """Every backbone parameter of DelfModel with its shape, derived from the architecture."""
+    backbone = ResNet50Backbone(bn_epsilon=1e-3, impl="native")
+    return {f"backbone.{name}": tuple(param.shape) for name, param in backbone.parameters_and_names()}
+
+
+def read_keras_h5(h5_path: str | os.PathLike) -> KerasWeights:
+    """All backbone tensors of a Keras ResNet50 notop h5 under MindSpore parameter names."""
+    path = Path(h5_path)
+    if not path.is_file():
+        raise InputError(f"Keras weights file not found: {path} (scripts/download_pretrained.sh fetches it)")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(f"{path}: not a readable HDF5 file ({error})") from None
+    with h5:
+        root = h5.get("model_weights", h5)  # full-model saves nest the weights
+        if "layer_names" not in root.attrs:
+            raise InputError(f"{path}: no 'layer_names' attribute: not a Keras weights file")
+        layer_names = _decode(root.attrs["layer_names"])
+        scheme = _detect_scheme(layer_names, path)
+        tensors: dict[str, np.ndarray] = {}
+        for layer in layer_names:
+            weight_names = _decode(root[layer].attrs.get("weight_names", []))
+            if not weight_names:
+                continue
+            cell = _cell_name(layer, scheme)
+            for weight_name in weight_names:
+                tensor = _tensor_name(weight_name, scheme)
+                if cell is None or tensor is None:
+                    raise InputError(f"{path}: unexpected tensor {layer}/{weight_name}: "
+                                     "not part of the ResNet50 notop backbone")
+                array = np.asarray(root[layer][weight_name], dtype=np.float32)
+                if tensor == "weight":
+                    array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+                tensors[f"{cell}.{tensor}"] = np.ascontiguousarray(array)
+    _check_complete(tensors, path)
+    return KerasWeights(tensors, scheme, SCHEME_EPSILON[scheme])
+
+
+def _check_complete(tensors: dict[str, np.ndarray], path: Path) -> None:
+    expected = expected_backbone_shapes()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise InputError(f"{path}: missing {len(missing)} backbone tensor(s), first {missing[0]}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise InputError(f"{path}: tensor {extra[0]} has no place in the DELF backbone")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise InputError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected {shape}")
+
+
+def convert(h5_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> KerasWeights:
+    """Write the backbone of a Keras h5 as a MindSpore checkpoint (atomically); returns what was read."""
+    weights = read_keras_h5(h5_path)
+    ckpt_path = Path(ckpt_path)
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"name": name, "data": Tensor(array)} for name, array in weights.tensors.items()]
+    with atomic_output(ckpt_path, suffix=".ckpt") as temporary:
+        mindspore.save_checkpoint(entries, str(temporary),
+                                  append_dict={"bn_epsilon": weights.bn_epsilon, "weights_scheme": weights.scheme})
+    return weights
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float | None]:
+    """Parameter arrays and BatchNorm epsilon (None when unrecorded) of a Keras .h5 or a .ckpt."""
+    path = Path(path)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        weights = read_keras_h5(path)
+        return weights.tensors, weights.bn_epsilon
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        entries = mindspore.load_checkpoint(str(path))
+    except (RuntimeError, ValueError, OSError) as error:
+        raise InputError(f"{path}: not a readable MindSpore checkpoint ({str(error).splitlines()[0]})") from None
+    epsilon = entries.pop("bn_epsilon", None)
+    entries.pop("weights_scheme", None)
+    tensors = {name: value.asnumpy() for name, value in entries.items()}
+    if epsilon is not None:
+        epsilon = float(np.asarray(epsilon.asnumpy() if hasattr(epsilon, "asnumpy") else epsilon))
+    return tensors, epsilon
+
+
+def resolve_bn_epsilon(configured: float, from_file: float | None) -> float:
+    """The BatchNorm epsilon to build with: the configured one, else the weights file's, else Keras 1's."""
+    return configured or from_file or KERAS1_BN_EPSILON
+
+
+def assign_weights(model: DelfModel, tensors: dict[str, np.ndarray], source: str,
+                   required_prefixes: tuple[str, ...] = ("backbone.",)) -> list[str]:
+    """Copy arrays into the model's parameters; returns the names left at initial values.
+
+    Parameters under `required_prefixes` must all be present with the right shape; tensors the
+    model has no place for (optimizer state, the other stage's classifier) are ignored.
+    """
+    left_alone = []
+    for param in model.get_parameters():
+        array = tensors.get(param.name)
+        if array is None:
+            if param.name.startswith(required_prefixes):
+                raise InputError(f"{source}: has no tensor {param.name}")
+            left_alone.append(param.name)
+            continue
+        if tuple(array.shape) != tuple(param.shape):
+            raise InputError(f"{source}: tensor {param.name} has shape {tuple(array.shape)}, "
+                             f"the model expects {tuple(param.shape)}")
+        param.set_data(Tensor(np.asarray(array, dtype=np.float32)))
+    return left_alone
+
+
+def build_model(state: str, *, weights_path: str = "", num_classes: int = 1000, bn_epsilon: float = 0.0,
+                conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
+                required_prefixes: tuple[str, ...] = ("backbone.",)) -> DelfModel:
+    """A DelfModel with weights from a Keras .h5 or a .ckpt; bn_epsilon 0 follows the weights file."""
+    tensors, file_epsilon = load_pretrained(weights_path) if weights_path else ({}, None)
+    model = DelfModel(state, num_classes, resolve_bn_epsilon(bn_epsilon, file_epsilon), resolve_conv_impl(conv_impl),
+                      use_autoencoder, autoencoder_dim)
+    if tensors:
+        assign_weights(model, tensors, weights_path, required_prefixes)
+    return model
+
+
+def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel:
+    """The 'test' network with trained weights, or seeded random weights (with a warning)."""
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise InputError(f"checkpoint not found: {ckpt_path}")
+    if not ckpt_path:
+        LOGGER.warning("no checkpoint given: running on UNTRAINED (random, seed %d) weights", config.seed)
+    mindspore.set_seed(config.seed)
+    model = build_model("test", weights_path=ckpt_path, bn_epsilon=config.bn_epsilon, conv_impl=config.conv_impl,
+                        use_autoencoder=config.use_autoencoder, autoencoder_dim=config.autoencoder_dim,
+                        required_prefixes=("backbone.", "attention."))
+    model.set_train(False)
+    return model
+
+
+def checkpoint_id(ckpt_path: str) -> str:
+    """Identifies the weights in the settings hash: path, size and modification time."""
+    if not ckpt_path:
+        return "untrained"
+    stat = Path(ckpt_path).stat()
+    return f"{Path(ckpt_path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
