@@ -45,7 +45,15 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int | None]:
 
 
 def setup_logging(log_path: str | Path | None = None, terminal_level: int = logging.WARNING) -> None:
-    """The suite's loggers ('delf.*'): INFO and up to `log_path`, `terminal_level` and up to stderr."""
+    """The suite's loggers ('delf.*'): INFO and up to `log_path`, `terminal_level` and up to stderr.
+
+    Only the 'delf' logger is configured (records still propagate to the root logger's handlers);
+    calling it again replaces the handlers of the previous call.
+    """
+    logger = logging.getLogger("delf")
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+        handler.close()
     terminal = logging.StreamHandler()
     terminal.setLevel(terminal_level)
     terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if terminal_level > logging.INFO
@@ -56,7 +64,9 @@ def setup_logging(log_path: str | Path | None = None, terminal_level: int = logg
         log_file = logging.FileHandler(log_path)
         log_file.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append(log_file)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 @contextlib.contextmanager

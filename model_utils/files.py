@@ -136,8 +136,8 @@ def list_images(images_dir: str | os.PathLike, names: Sequence[str] | None = Non
     wanted = [image_id(name) for name in names]
     missing = [name for name in wanted if name not in images]
     if missing:
-        raise InputError(f"{len(missing)} listed image(s) not found in {images_dir} "
-                         f"(any of {', '.join(IMAGE_SUFFIXES)}), first {missing[0]!r}")
+        more = f" (and {len(missing) - 1} more listed images)" if len(missing) > 1 else ""
+        raise InputError(f"image {missing[0]!r} not found in {images_dir} (any of {', '.join(IMAGE_SUFFIXES)}){more}")
     return {name: images[name] for name in wanted}
 
 

@@ -75,9 +75,14 @@ def test_config_path_and_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="config key 'image_size' in .*: expected int, got 'big'"):
         get_config([f"--config_path={wrong_type}"])
 
-    missing = _write_config(tmp_path, lambda v: v.pop("seed"))
-    with pytest.raises(ConfigError, match="config keys missing from .*: seed"):
-        get_config([f"--config_path={missing}"])
+    # A file that sets only some keys overlays delf_config.yaml's defaults.
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("batch_size: 8\nextraction:\n  pca_dim: 64\n")
+    overlaid = get_config([f"--config_path={partial}"])
+    assert (overlaid.batch_size, overlaid.extraction.pca_dim, overlaid.seed) == (8, 64, get_config([]).seed)
+    partial.write_text('batch_size: "thirty-two"\n')
+    with pytest.raises(ConfigError, match="config key 'batch_size' in .*partial.yaml: expected int, got 'thirty-two'"):
+        get_config([f"--config_path={partial}"])
 
     with pytest.raises(ConfigError, match="config file not found"):
         get_config(["--config_path=/no/such/file.yaml"])

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.evaluation.ground_truth import load_ground_truth
+from model_utils.config import RetrievalConfig
+from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth
 from src.extraction.store import FeatureStore
 from src.retrieval.rerank import retrieve
 
@@ -103,8 +104,12 @@ def test_query_crop_finds_its_own_image_first_and_modes_agree(evaluated, databas
         assert database["imlist"][fast[0, column]] == query
     with FeatureStore(output / "features" / "query_features.h5") as queries, \
             FeatureStore(output / "features" / "index_features.h5") as index:
-        exhaustive = retrieve(queries, index, ground_truth, mode="exhaustive", progress=False)
-        revisited = retrieve(queries, index, load_ground_truth(database["pkl"]), mode="fast", progress=False)
+        exhaustive = retrieve(queries, index, ground_truth["imlist"], ground_truth["qimlist"],
+                              junk_by_protocol(ground_truth), settings=RetrievalConfig(mode="exhaustive"),
+                              progress=False)
+        revisited_gt = load_ground_truth(database["pkl"])
+        revisited = retrieve(queries, index, revisited_gt["imlist"], revisited_gt["qimlist"],
+                             junk_by_protocol(revisited_gt), settings=RetrievalConfig(mode="fast"), progress=False)
     np.testing.assert_array_equal(exhaustive["medium"][0], fast[0])
     np.testing.assert_array_equal(revisited["medium"], fast)
 
@@ -125,8 +130,9 @@ def test_two_extraction_workers_split_the_work_and_agree(database, random_checkp
 
     config = get_config(FAST_SETTINGS)
     ground_truth = load_ground_truth(database["gt_dir"], database["imlist"])
-    index_path, query_path = build_feature_dataset(database["images"], ground_truth, tmp_path, config,
+    index_path, query_path, report = build_feature_dataset(database["images"], ground_truth, tmp_path, config,
                                                    str(random_checkpoint), (0, 1), str(tmp_path / "extract.log"))
+    assert report.failed == {}
     single_output, _ = evaluated
     with FeatureStore(index_path) as two, FeatureStore(single_output / "features" / "index_features.h5") as one:
         assert two.image_ids() == one.image_ids() == database["imlist"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from model_utils.config import ExtractionConfig
-from src.extraction.extractor import DelfExtractor, extract, extract_to_store
+from src.extraction.extractor import DelfExtractor, ExtractionReport, extract, extract_to_store
 from src.extraction.images import load_image, resize_image
 from src.extraction.pyramid import fit_image_size
 from src.extraction.store import FeatureStore
@@ -135,12 +135,12 @@ def test_store_resumes_without_recomputing(tmp_path, model, photo):
     original = extractor.pyramid
     extractor.pyramid = lambda image, name="": calls.append(name) or original(image, name)
     with FeatureStore(tmp_path / "f.h5") as store:
-        assert extract_to_store(dict(list(paths.items())[:2]), store, extractor, "hash-a", progress=False) == {
-            "extracted": 2, "skipped": 0}
+        assert extract_to_store(dict(list(paths.items())[:2]), store, extractor, "hash-a", progress=False) == \
+            ExtractionReport(extracted=2, skipped=0)
     with FeatureStore(tmp_path / "f.h5") as store:
         counts = extract_to_store(paths, store, extractor, "hash-a", progress=False)
-        assert counts == {"extracted": 1, "skipped": 2}
+        assert counts == ExtractionReport(extracted=1, skipped=2)
         assert len(calls) == 3
         counts = extract_to_store(paths, store, extractor, "hash-b", progress=False)
-        assert counts == {"extracted": 3, "skipped": 0}
+        assert counts == ExtractionReport(extracted=3, skipped=0)
         assert store.image_ids() == ["img0", "img1", "img2"]

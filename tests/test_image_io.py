@@ -79,7 +79,7 @@ def test_list_images(tmp_path, photo):
     _save(Image.fromarray(photo[:20, :20]), tmp_path / "sub" / "b.png")
     (tmp_path / "readme.txt").write_text("x")
     assert list(list_images(tmp_path)) == ["a", "sub/b"]
-    with pytest.raises(InputError, match="image 'c' not found"):
+    with pytest.raises(InputError, match="image 'c' not found in"):
         list_images(tmp_path, ["a", "c"])
 
 

@@ -110,7 +110,8 @@ def test_canvas_sides_hold_every_level_of_any_image():
     sides = dict(zip(config.image_scales, canvas_sides(config), strict=True))
     rng = np.random.default_rng(0)
     for height, width in rng.integers(10, 400, size=(40, 2)):
-        for level, array in pyramid_inputs(np.zeros((height, width, 3), np.uint8), config):
+        for level in pyramid_inputs(np.zeros((height, width, 3), np.uint8), config):
+            array = level.image
             canvas, offset = place_on_canvas(array, sides[level.scale])  # raises if it does not fit
             assert canvas.shape[2:] == (sides[level.scale],) * 2
             assert offset == (array.shape[2] % 2, array.shape[3] % 2)

@@ -21,6 +21,7 @@ from model_utils.cli import InputError
 from model_utils.files import find_image, image_id
 from src.extraction.store import FeatureStore, LocalFeatures
 from src.match_images import main, read_image_pair_list
+from src.matching import verify
 from src.matching.draw import draw_matches, side_by_side
 from src.matching.verify import MatchResult, find_putative_matches, match_features
 
@@ -349,14 +350,14 @@ def test_find_image(tmp_path, images_dir):
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def test_cli_end_to_end(tmp_path, images_dir, keypoints, caplog, capsys):
+def test_cli_end_to_end(monkeypatch, tmp_path, images_dir, keypoints, caplog, capsys):
     features_1, features_2 = make_pair(keypoints, num_true=40, num_false=100, seed=50)
     store_path = tmp_path / "features.h5"
     with FeatureStore(store_path) as store:
         store.put("sacre_coeur1", features_1, image_size=(731, 1024), settings_hash="test")
         store.put("sacre_coeur2", features_2, image_size=(1024, 768), settings_hash="test")
     expected = match_features(features_1, features_2)
-    caplog.set_level(logging.INFO, logger="src.match_images")
+    caplog.set_level(logging.INFO, logger="delf.match")
 
     output = tmp_path / "eval_match.png"
     common = ["--images_path", str(images_dir), "--features_path", str(store_path)]
@@ -372,8 +373,12 @@ def test_cli_end_to_end(tmp_path, images_dir, keypoints, caplog, capsys):
         assert figure.size == (1024 + 768, 1024)  # sacre_coeur1 is 1024x731, sacre_coeur2 768x1024
 
     caplog.clear()
-    assert main([*common, "--image_1", "sacre_coeur1.jpg", "--image_2", "sacre_coeur2", "--engine",
+    skimage_calls = []
+    original_ransac = verify._ransac_skimage
+    monkeypatch.setattr(verify, "_ransac_skimage", lambda *a: skimage_calls.append(a) or original_ransac(*a))
+    assert main([*common, "--image_1", "sacre_coeur1.jpg", "--image_2", "sacre_coeur2", "--matching.engine",
                  "skimage", "--output_image", str(tmp_path / "other.png")]) == 0  # fmt: skip
+    assert len(skimage_calls) == 1  # the config key reached RANSAC
     # The engines agree on plentiful inliers (tested above), so the count must not change.
     assert f"Found {expected.num_inliers} inliers" in caplog.text
 

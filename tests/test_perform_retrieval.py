@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-import src.perform_retrieval as retrieval
+import src.retrieval.index as index_module
+import src.retrieval.rerank as rerank_module
 from model_utils.cli import InputError
-from src.evaluation.ground_truth import protocol_ground_truth
+from model_utils.config import MatchingConfig, RetrievalConfig
+from src.evaluation.ground_truth import junk_by_protocol, protocol_ground_truth
 from src.evaluation.metrics import evaluate
 from src.extraction.store import FeatureStore, LocalFeatures
 from src.matching.verify import match_features
@@ -107,9 +109,18 @@ def world(tmp_path_factory) -> dict:
     return build_world(tmp_path_factory.mktemp("world"))
 
 
+def retrieve_gt(queries: FeatureStore, index: FeatureStore, ground_truth: dict, **settings) -> dict[str, np.ndarray]:
+    """retrieve() for a ground truth, with retrieval and matching settings given by name."""
+    retrieval_keys = {f.name for f in dataclasses.fields(RetrievalConfig)}
+    return retrieve(queries, index, ground_truth["imlist"], ground_truth["qimlist"], junk_by_protocol(ground_truth),
+                    settings=RetrievalConfig(**{k: v for k, v in settings.items() if k in retrieval_keys}),
+                    matching=MatchingConfig(**{k: v for k, v in settings.items() if k not in retrieval_keys}),
+                    progress=False)
+
+
 def run(world: dict, **settings) -> dict[str, np.ndarray]:
     with FeatureStore(world["dir"] / "query.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
-        return retrieve(queries, index, world["ground_truth"], progress=False, **settings)
+        return retrieve_gt(queries, index, world["ground_truth"], **settings)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +154,7 @@ def clustered_descriptors(rng: np.random.Generator, count: int, centres: int = 3
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 4096])  # one block / many blocks, pruned as they pile up
 def test_exact_search_matches_kdtree_reference(monkeypatch, block_elements):
-    monkeypatch.setattr(retrieval, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(1)
     database, queries = clustered_descriptors(rng, 3000), clustered_descriptors(rng, 200)
     index = build_descriptor_index(database, [1000, 0, 2000], method="exact")
@@ -243,10 +254,10 @@ class FakeFaiss(types.ModuleType):
 def test_faiss_branch_follows_the_faiss_contract(monkeypatch):
     fake = FakeFaiss()
     monkeypatch.setitem(sys.modules, "faiss", fake)
-    monkeypatch.setattr(retrieval, "EXACT_SEARCH_MAX_ROWS", 500)
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_ROWS", 500)
     rng = np.random.default_rng(4)
     database, queries = clustered_descriptors(rng, 600), clustered_descriptors(rng, 50)
-    assert retrieval.faiss_available()
+    assert index_module.faiss_available()
     index = build_descriptor_index(database, [300, 300])  # auto picks faiss when importable
     assert index.method == "faiss" and fake.calls == ["IndexFlatL2", "IndexIVFFlat", "train"]
     query_ids, rows, distances = find_neighbors(index, queries, 20, 0.7)
@@ -355,7 +366,7 @@ def test_ransac_runs_once_per_pair_across_protocols(world, monkeypatch):
         calls.append((index_features.locations.tobytes(), query_features.locations.tobytes()))
         return match_features(index_features, query_features, **settings)
 
-    monkeypatch.setattr(retrieval, "match_features", counting_match)
+    monkeypatch.setattr(rerank_module, "match_features", counting_match)
     ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
     assert len(calls) == len(set(calls))  # no pair verified twice
     # each protocol needs SHORTLIST pairs per query; their shortlists overlap, so fewer calls
@@ -366,8 +377,8 @@ def test_ransac_runs_once_per_pair_across_protocols(world, monkeypatch):
 
 
 def test_inverted_file_path_gives_the_same_retrieval(world, fast_ranks, monkeypatch):
-    monkeypatch.setattr(retrieval, "EXACT_SEARCH_MAX_ROWS", 0)  # force the large-index path
-    monkeypatch.setattr(retrieval, "faiss_available", lambda: False)
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_ROWS", 0)  # force the large-index path
+    monkeypatch.setattr(index_module, "faiss_available", lambda: False)
     ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
     for protocol in PROTOCOLS:
         np.testing.assert_array_equal(ranks[protocol][: len(ROLES)], fast_ranks[protocol][: len(ROLES)])
@@ -384,7 +395,7 @@ def test_zero_feature_images(world, tmp_path, fast_ranks, exhaustive_ranks):
     ground_truth = dict(world["ground_truth"], qimlist=["query0"], gnd=world["ground_truth"]["gnd"][:1])
     with FeatureStore(tmp_path / "q.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
         for mode in ("fast", "exhaustive"):
-            ranks = retrieve(queries, index, ground_truth, mode=mode, shortlist_size=SHORTLIST, progress=False)
+            ranks = retrieve_gt(queries, index, ground_truth, mode=mode, shortlist_size=SHORTLIST)
             assert ranks["hard"][:, 0].tolist() == list(range(len(imlist)))
 
 
@@ -394,12 +405,16 @@ def test_missing_images_and_bad_settings(world):
         missing_database = dict(ground_truth, imlist=[*ground_truth["imlist"], "ghost_image"])
         message = r"1 database image\(s\) have no features in .*index\.h5, e\.g\. 'ghost_image'"
         with pytest.raises(InputError, match=message):
-            retrieve(queries, index, missing_database, progress=False)
+            retrieve_gt(queries, index, missing_database)
         missing_query = dict(ground_truth, qimlist=["query0", "query9"], gnd=ground_truth["gnd"][:2])
         with pytest.raises(InputError, match=r"1 query image\(s\) have no features in .*query\.h5, e\.g\. 'query9'"):
-            retrieve(queries, index, missing_query, progress=False)
-        with pytest.raises(InputError, match="mode must be one of fast, exhaustive, got 'slow'.*num_neighbors"):
-            retrieve(queries, index, ground_truth, mode="slow", num_neighbors=0, progress=False)
+            retrieve_gt(queries, index, missing_query)
+        with pytest.raises(InputError, match="mode: 'slow' is not one of fast, exhaustive"):
+            retrieve_gt(queries, index, ground_truth, mode="slow")
+        with pytest.raises(InputError, match="num_neighbors must be >= 1"):
+            retrieve_gt(queries, index, ground_truth, num_neighbors=0)
+        with pytest.raises(InputError, match="max_trials must be at least 1"):
+            retrieve_gt(queries, index, ground_truth, max_trials=0)
 
 
 def test_save_ranks_round_trip(tmp_path, fast_ranks):
@@ -438,7 +453,7 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     arguments = [
         "--query_features", str(world["dir"] / "query.h5"), "--index_features", str(world["dir"] / "index.h5"),
         "--gt_path", str(gt_dir), "--images_path", str(images_dir), "--output_dir", str(output_dir),
-        "--shortlist_size", str(SHORTLIST),
+        f"--retrieval.shortlist_size={SHORTLIST}",
     ]
     assert main(arguments) == 0
     names = sorted(p.name for p in output_dir.iterdir())

@@ -182,6 +182,8 @@ def save_ranks(ranks_by_protocol: Mapping[str, np.ndarray], output_dir: str | Pa
     written = []
     for protocol, ranks in ranks_by_protocol.items():
         ranks = np.asarray(ranks)
+        if not protocol.isalpha():  # names a file: easy, medium, hard
+            raise InputError(f"unknown protocol {protocol!r}; expected a name such as easy, medium or hard")
         if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
             raise InputError(f"ranks of {protocol} must be a 2-D integer array, got {ranks.dtype} {ranks.shape}")
         path = output_dir / f"ranks_{protocol}.npy"
