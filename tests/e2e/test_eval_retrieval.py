@@ -23,7 +23,7 @@ from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth
 from src.extraction.store import FeatureStore
 from src.retrieval.rerank import retrieve
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Small pyramid and images: minutes, not hours, on 2 CPU cores.
 FAST_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.max_image_size=320",
                  "--extraction.score_threshold=0", "--extraction.use_pca=false", "--mode=pynative"]
@@ -31,7 +31,7 @@ FAST_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.max_image_
 # max_image_size=320 resize (the photos are 1024 px wide: factor 0.3125, so 102.4 px -> 32 px).
 QUERIES = {"sacre_coeur1": [102.4, 102.4, 1024, 731], "all_souls_000013": [0, 204.8, 768, 1024]}
 POSITIVES = {"sacre_coeur1": (["sacre_coeur1", "sacre_coeur2"], [p.stem for p in sorted(
-    (Path(__file__).resolve().parents[2] / "shared/data/images/sacre_coeur_db").glob("*.jpg"))][:3]),
+    (Path(__file__).resolve().parents[3] / "shared/data/images/sacre_coeur_db").glob("*.jpg"))][:3]),
              "all_souls_000013": (["all_souls_000013"], ["all_souls_000055"])}
 DISTRACTORS = ["butterfly", "squirrel_cls", "building", "leuvenA"]
 

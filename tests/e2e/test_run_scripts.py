@@ -11,7 +11,7 @@ from PIL import Image
 
 from src.extraction.pca import fit_pca, save_pca
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SMALL_PYRAMID = ["--extraction.image_scales=[0.3536,0.5]", "--extraction.score_threshold=0"]
 
 

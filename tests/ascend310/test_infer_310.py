@@ -45,7 +45,7 @@ from src.model.export import export_network
 from src.model.network import block3_output_size
 from src.model.weights import checkpoint_id
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIR = ("sacre_coeur1", "sacre_coeur2")
 # Small pyramids: the direct extraction these are compared with runs PyNative convolutions.
 SMALL = dict(image_scales=(0.5, 1.0), max_image_size=160, score_threshold=0.0)

@@ -17,7 +17,7 @@ from model_utils.files import atomic_output
 from src.extraction.store import FeatureStore, LocalFeatures, export_npz
 from src.feature_io import main
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ODD_IDS = ["dir/name.jpg", "a/b/c", "..", ".", "100%", "x y", "caf\u00e9", "%2F", "dir%2Fname.jpg"]
 
 

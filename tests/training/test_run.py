@@ -48,7 +48,7 @@ from src.training.step import (
     list_checkpoints,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SIZE, BATCH, STEPS, MID_STEP = 64, 4, 20, 15
 NUM_CLASSES, IMAGES_PER_CLASS = 3, 8  # 24 images -> 6 batches per epoch
 STEPS_PER_EPOCH = NUM_CLASSES * IMAGES_PER_CLASS // BATCH

@@ -7,7 +7,7 @@ import yaml
 
 from model_utils.config import DEFAULT_IMAGE_SCALES, ConfigError, DelfConfig, ExtractionConfig, get_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_follow_the_reference():

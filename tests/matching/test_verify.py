@@ -25,7 +25,7 @@ from src.matching import verify
 from src.matching.draw import draw_matches, side_by_side
 from src.matching.verify import MatchResult, find_putative_matches, match_features
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Image-1 (x, y, 1) -> image-2 (x, y): scale ~0.85, rotation ~15 degrees, a little shear.
 TRUE_TRANSFORM = np.array([[0.80, -0.17, 150.0], [0.22, 0.88, 20.0]])
 PIXEL_NOISE = 2.0
