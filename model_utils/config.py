@@ -104,7 +104,7 @@ class MatchingConfig:
     residual_threshold: float = field(default=20.0, **_option("RANSAC inlier distance in pixels"))
     max_trials: int = field(default=1000, **_option("RANSAC iterations"))
     min_samples: int = field(default=3, **_option("points per RANSAC sample (3: an affine map)"))
-    engine: str = field(default="opencv", **_option("RANSAC implementation (skimage: the reference's, ~40x slower)",
+    engine: str = field(default="opencv", **_option("RANSAC implementation (skimage: the reference's, slower)",
                                                     ("opencv", "skimage")))
 
     def __post_init__(self) -> None:

@@ -61,7 +61,7 @@ def setup_device(device_target: str, device_id: int = 0, graph_mode: bool = True
     target = resolve_device_target(device_target)
     if target == "CPU":
         # On AVX-512 machines the oneDNN bundled with MindSpore 2.10 answers NCHW convolutions
-        # (all but 1x1 stride 1) with its reference kernel, about 100x slower than the im2col +
+        # (all but 1x1 stride 1) with its reference kernel, far slower than the im2col +
         # GEMM kernel it picks when capped at AVX2 (bench/backbone.py measures both).
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     mindspore.set_device(target, device_id if target != "CPU" else None)

@@ -25,7 +25,7 @@ archives=$root/archives
 source "$(dirname "${BASH_SOURCE[0]}")/download_common.sh"
 
 # Saved as HTML error pages instead of photos (VGG's parisbuildings/corrupt.txt); the usual
-# practice, and revisitop's RParis6k, leave them out. Same list as src/dataset.py.
+# practice, and revisitop's RParis6k, leave them out. Same list as src/evaluation/ground_truth.py.
 CORRUPT_IMAGES=(
     paris_louvre_000136.jpg paris_louvre_000146.jpg paris_moulinrouge_000422.jpg
     paris_museedorsay_001059.jpg paris_notredame_000188.jpg paris_pantheon_000284.jpg

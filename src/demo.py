@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.data
 
 if __package__ in (None, ""):  # run as `python src/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,9 +36,7 @@ from src.model.weights import build_extraction_model  # noqa: E402
 
 def demo_photo() -> np.ndarray:
     """A real photo bundled with scikit-image: a Saturn V rocket on display (427 x 640, RGB)."""
-    from skimage import data
-
-    return data.rocket()
+    return skimage.data.rocket()
 
 
 def viewpoint_change(image: np.ndarray, angle_degrees: float = 8.0, zoom: float = 1.3,

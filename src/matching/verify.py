@@ -4,8 +4,8 @@ Putative matches follow the reference: every image-2 descriptor takes its neares
 descriptor when it is closer than `distance_threshold` (Euclidean on L2-normalised descriptors).
 An affine model is then fitted by RANSAC with one of two engines:
 
-- "opencv"  (default): cv2.estimateAffine2D, compiled; the whole step is ~30x faster
-  (bench/match.py), the KD-tree then being most of its time.
+- "opencv"  (default): cv2.estimateAffine2D, compiled and much faster (bench/match.py measures
+  by how much), the nearest-neighbour search then being most of the step's time.
 - "skimage": skimage.measure.ransac + AffineTransform, the reference's own estimator.
 
 Unlike the reference, RANSAC is seeded, so the same inputs always give the same inlier count,
@@ -59,7 +59,7 @@ def find_putative_matches(
     descriptor, kept when strictly closer than `distance_threshold`.
 
     `method` "kdtree" is the reference's cKDTree; "brute" finds the same exact nearest neighbours
-    with one matrix product, about 15x faster for 1000 x 1000 descriptors in 40-D (where a KD-tree
+    with one matrix product, much faster for 1000 x 1000 descriptors in 40-D (where a KD-tree
     prunes little), which is what retrieval re-ranking uses.
     """
     if method not in NN_METHODS:

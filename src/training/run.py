@@ -133,9 +133,7 @@ def run_training(config: DelfConfig, device_target: str = "CPU", rank_id: int = 
                                 config.keep_checkpoint_max, steps_per_epoch, config.max_iters, bn_epsilon)
         callbacks.append(saver)
         if config.need_summary:
-            from mindspore.train import SummaryCollector
-
-            callbacks.append(SummaryCollector(config.save_summary, collect_freq=config.log_interval))
+            callbacks.append(mindspore.train.SummaryCollector(config.save_summary, collect_freq=config.log_interval))
     model = mindspore.train.Model(train_step)
     step = start_step
     with contextlib.ExitStack() as stack:
