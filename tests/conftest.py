@@ -13,7 +13,8 @@ def shared_data() -> Path:
     try:
         return ensure_test_data()
     except DataRegistryError as error:
-        pytest.fail(str(error), pytrace=False)
+        problem = str(error)
+    pytest.fail(problem, pytrace=False)  # outside `except`, so the report is this one line, no chained traceback
 
 
 @pytest.fixture(scope="session")
