@@ -1,23 +1,20 @@
-"""Shared fixtures: the real photos and ground truth that live beside the project in ../shared."""
+"""Shared fixtures: the real photos and ground truth (../shared/data, or their download cache)."""
 
 from pathlib import Path
 
 import pytest
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+from data_registry import DataRegistryError, ensure_test_data
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path to ../shared/data; a hard failure (never a skip) when it is missing."""
-    if not (SHARED_DATA / "images").is_dir():
-        pytest.fail(
-            f"test data not found at {SHARED_DATA}: clone the project beside shared/ "
-            "(see README, 'Tests')",
-            pytrace=False,
-        )
-    return SHARED_DATA
+    """A folder laid out like ../shared/data (see tests/data_registry.py); a hard failure, never a skip,
+    when a file is missing, corrupt or cannot be downloaded."""
+    try:
+        return ensure_test_data()
+    except DataRegistryError as error:
+        problem = str(error)
+    pytest.fail(problem, pytrace=False)  # outside `except`, so the report is this one line, no chained traceback
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
     <root>/train/train_clean.csv    landmark_id,images
     <root>/train/<a>/<b>/<c>/<id>.jpg
 
-Each landmark is one real photo (../shared/data/images); its images are random crops of it with
+Each landmark is one real photo (the test data's images/); its images are random crops of it with
 random aspect and brightness, so images of a class look alike and classes differ. train.csv also
 lists "noisy" images that the clean csv leaves out, one of them of a landmark with no clean image,
 so that the clean filter and the relabeling are both exercised.
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from data_registry import ensure_test_data
 from PIL import Image
-
-DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 
 
 @dataclass
@@ -54,8 +53,9 @@ def _jittered_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> I
 
 
 def make_tiny_gldv2(root: str | Path, num_classes: int = 3, images_per_class: int = 6, size: int = 96,
-                    seed: int = 0, photos_dir: str | Path = DEFAULT_PHOTOS) -> TinyGldv2:
+                    seed: int = 0, photos_dir: str | Path | None = None) -> TinyGldv2:
     """Write a tiny GLDv2-format training set under `root`; returns its paths and contents."""
+    photos_dir = ensure_test_data() / "images" if photos_dir is None else photos_dir
     photos = sorted(path for path in Path(photos_dir).iterdir() if path.suffix in (".jpg", ".png"))
     if len(photos) < num_classes + 1:
         raise FileNotFoundError(f"{photos_dir}: need {num_classes + 1} photos, found {len(photos)}")

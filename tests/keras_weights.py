@@ -1,7 +1,7 @@
 """Keras ResNet50 notop h5 files in both real layouts, and an independent NumPy forward pass.
 
 The real 94 MB file cannot be downloaded here, so tests write files with the exact structure of
-both published files (names read from the real file's layer list in ../shared/reference) holding
+both published files (names read from the real file's layer list, tests/resnet50_notop_v0.2_layer_names.txt) holding
 random weights, and check our MindSpore network against `numpy_block3`, which works directly on
 the Keras arrays and names and shares no code with src/.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-LAYER_NAMES_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "resnet50_notop_v0.2_layer_names.txt"
+LAYER_NAMES_FILE = Path(__file__).resolve().with_name("resnet50_notop_v0.2_layer_names.txt")
 STAGE_BLOCKS = {2: 3, 3: 4, 4: 6, 5: 3}
 STAGE_WIDTH = {2: 64, 3: 128, 4: 256, 5: 512}
 

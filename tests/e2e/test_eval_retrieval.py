@@ -1,6 +1,6 @@
 """End-to-end retrieval on real photos: run_eval_retrieval_images.sh with classic and revisited gt.
 
-The database is built from the real photos in ../shared/data/images (the Sacre-Coeur set, an
+The database is built from the real photos in the test data's images/ (the Sacre-Coeur set, an
 Oxford query and its positive, unrelated photos). Weights are random, so the checks are ones
 that hold for any weights: each query's bbx is a stride-aligned crop of a database image, which
 therefore comes first; fast and exhaustive retrieval agree on the top results; both gt formats
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_registry import registry_paths
 
 from model_utils.config import RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth
@@ -30,8 +31,8 @@ FAST_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.max_image_
 # name -> query bbx [x1, y1, x2, y2] in original pixels, offsets multiples of 32 after the
 # max_image_size=320 resize (the photos are 1024 px wide: factor 0.3125, so 102.4 px -> 32 px).
 QUERIES = {"sacre_coeur1": [102.4, 102.4, 1024, 731], "all_souls_000013": [0, 204.8, 768, 1024]}
-POSITIVES = {"sacre_coeur1": (["sacre_coeur1", "sacre_coeur2"], [p.stem for p in sorted(
-    (Path(__file__).resolve().parents[3] / "shared/data/images/sacre_coeur_db").glob("*.jpg"))][:3]),
+POSITIVES = {"sacre_coeur1": (["sacre_coeur1", "sacre_coeur2"], [Path(p).stem for p in registry_paths(
+    "images/sacre_coeur_db/")][:3]),
              "all_souls_000013": (["all_souls_000013"], ["all_souls_000055"])}
 DISTRACTORS = ["butterfly", "squirrel_cls", "building", "leuvenA"]
 
