@@ -1,5 +1,7 @@
 """model_utils/config.py: YAML + CLI overrides, validation and clear errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,22 @@ def test_help_lists_every_key(capsys):
     help_text = capsys.readouterr().out
     for key in ("--batch_size", "--need_summary", "--device_target", "--extraction.score_threshold"):
         assert key in help_text
+
+
+def test_eval_help_lists_matching_and_retrieval_keys():
+    done = subprocess.run([sys.executable, "eval.py", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          check=True)
+    for key in ("matching.distance_threshold", "matching.engine", "retrieval.mode", "retrieval.shortlist_size"):
+        assert f"--{key}" in done.stdout
+
+
+def test_section_values_are_validated(tmp_path):
+    assert get_config(["--matching.engine=skimage"]).matching.engine == "skimage"
+    with pytest.raises(ConfigError, match="engine: 'ransac' is not one of opencv, skimage"):
+        get_config(["--matching.engine=ransac"])
+    with pytest.raises(ConfigError, match="image_scales must be a non-empty list of positive, finite numbers"):
+        get_config(["--extraction.image_scales=[.nan]"])
+    duplicated = tmp_path / "twice.yaml"
+    duplicated.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        get_config([f"--config_path={duplicated}"])
