@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The Ascend-310 inference path on two images: exported MindIR -> src.preprocess -> runner ->
-# src.postprocess -> src.match_images.
+# The Ascend-310 inference path on two images: exported MindIR -> src.infer_310 (preprocess -> runner ->
+# postprocess, chunk by chunk) -> src.match_images.
 # Usage: bash scripts/run_infer_310_match_images.sh MINDIR IMAGES_PATH DEVICE_ID [--key=value ...]
 #   MINDIR       DELF_MindIR.mindir from export.py (static DELF_MindIR_<H>x<W>.mindir beside it are used
 #                for the canvas shapes they fit)
-#   --key=value  overrides of delf_config.yaml for preprocess and postprocess (e.g. --extraction.use_pca=false)
+#   --key=value  overrides of delf_config.yaml for src.infer_310 (e.g. --extraction.use_pca=false)
 # Environment:
 #   RUNNER       auto (default: the C++ runner when MindSpore sees an Ascend device, else Python), cpp, python
 #   INPUT_MODE   exact (dynamic MindIR, default for python) or canvas (static shapes, default for cpp;
 #                needs --extraction.max_image_size=...)
 #   OUTPUT_DIR   where test_match.png, the features and the logs go (default .)
 #   LIST_IMAGES  the file naming the two images (default list_images.txt)
-#   MAX_PENDING  images in flight between the stages (default 8)
+#   CHUNK_SIZE   images on disk at a time (default 16; MAX_PENDING is its old name). The C++ runner
+#                starts (and builds its models) once per chunk: on Ascend a larger chunk saves time.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The Ascend-310 inference path on a retrieval data set: exported MindIR -> src.preprocess (database
-# images, and queries cropped to their bbx) -> runner -> src.postprocess -> src.perform_retrieval,
+# The Ascend-310 inference path on a retrieval data set: exported MindIR -> src.infer_310 (database
+# images, and queries cropped to their bbx; preprocess -> runner -> postprocess) -> src.perform_retrieval,
 # which ranks, evaluates (src.dataset, as eval) and writes mAP.txt.
 # Usage: bash scripts/run_infer_310_retrieval_images.sh MINDIR IMAGES_PATH GT_PATH DEVICE_ID [--key=value ...]
 #   MINDIR       DELF_MindIR.mindir from export.py (static DELF_MindIR_<H>x<W>.mindir beside it are used
 #                for the canvas shapes they fit)
 #   GT_PATH      Oxford/Paris gt txt directory, or a revisitop gnd_*.pkl / gnd_*.mat
-#   --key=value  overrides of delf_config.yaml for preprocess and postprocess (e.g. --extraction.use_pca=false)
+#   --key=value  overrides of delf_config.yaml for src.infer_310 (e.g. --extraction.use_pca=false)
 # Environment:
 #   RUNNER       auto (default: the C++ runner when MindSpore sees an Ascend device, else Python), cpp, python
 #   INPUT_MODE   exact (dynamic MindIR, default for python) or canvas (static shapes, default for cpp;
 #                needs --extraction.max_image_size=...)
 #   OUTPUT_DIR   where mAP.txt, metrics.json, ranks_*.npy, the features and the logs go (default .)
-#   MAX_PENDING  images in flight between the stages (default 8)
+#   CHUNK_SIZE   images on disk at a time (default 16; MAX_PENDING is its old name). The C++ runner
+#                starts (and builds its models) once per chunk: on Ascend a larger chunk saves time.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}

@@ -1,13 +1,11 @@
 /**
- * The file protocol shared with src/preprocess.py, src/infer_mindir.py and src/postprocess.py.
+ * The runner's side of the file protocol of src/ascend310/protocol.py.
  *
  * Input:  <input_dir>/<stem>_<H>x<W>.bin   raw float32, shape (1, 3, H, W); consumed (deleted).
  * Output: <output_dir>/<stem>_<H>x<W>_attention.bin (1, 1, h, w) and ..._features.bin (1, D, h, w).
- * preprocess writes <input_dir>/DONE when it has written everything; the runner writes
- * <output_dir>/DONE when it has run everything. Files are written under a hidden temporary name
- * and renamed, so a reader never sees half a file.
+ * Files are written under a hidden temporary name and renamed, so a reader never sees half a file.
  *
- * Nothing here depends on MindSpore: the polling loop takes the network as a callback.
+ * Nothing here depends on MindSpore: the loop takes the network as a callback.
  */
 #ifndef DELF_ASCEND310_INFER_INC_UTILS_H_
 #define DELF_ASCEND310_INFER_INC_UTILS_H_
@@ -20,7 +18,6 @@
 
 namespace delf {
 
-extern const char kDoneMarker[];
 extern const char *const kOutputSuffixes[2];  // attention, features: the network's outputs in order
 
 struct InputFile {
@@ -58,11 +55,11 @@ struct OutputBuffer {
 using RunNetwork = std::function<bool(const InputFile &input, const std::vector<float> &data,
                                       std::vector<OutputBuffer> *outputs, std::string *error)>;
 
-// Consumes input files (waiting for the directory to appear) until <input_dir>/DONE exists and none is left, then writes
-// <output_dir>/DONE. Gives up after `wait_timeout_s` seconds without input. Returns the number of
-// files run, or -1 after printing an error.
-int ProcessInputs(const std::string &input_dir, const std::string &output_dir, double wait_timeout_s,
-                  const RunNetwork &run);
+// Runs every input file present in `input_dir` once. A file that cannot be run is reported on stderr
+// as "error: <input path>: <reason>", counted in `*num_failed` and left in place; the others go on.
+// Returns the number of files run, or -1 after printing an error that stops the run (output not writable).
+int ProcessInputs(const std::string &input_dir, const std::string &output_dir, const RunNetwork &run,
+                  int *num_failed);
 
 }  // namespace delf
 

@@ -1,14 +1,16 @@
 /**
- * DELF on Ascend 310: runs the exported DELF network over the pyramid-level files of
- * src/preprocess.py and writes the attention and block3 maps for src/postprocess.py
- * (the same protocol as src/infer_mindir.py, see inc/utils.h).
+ * DELF on Ascend 310: runs the exported DELF network once over the pyramid-level files in
+ * --input_path (src/ascend310/preprocess.py) and writes the attention and block3 maps for
+ * src/ascend310/postprocess.py (the protocol of src/ascend310/protocol.py, see inc/utils.h).
+ * Exit status: 0; 1 when some input files failed (one "error: <file>: ..." line each on stderr,
+ * the others are run); 2 when it cannot run at all (usage, unreadable MindIR, unwritable output).
  *
  * Model for an H x W input: <prefix>_<H>x<W>.mindir when export.py --input_shape static wrote
  * it, else the dynamic <prefix>.mindir built with its input fixed to 1x3xHxW (one build per
  * distinct shape, so use preprocess --input_mode canvas here: a few shapes, not one per image).
  *
  * Usage: main --mindir_path=DELF_MindIR.mindir --input_path=WORK/inputs --output_path=WORK/outputs
- *             [--device_id=0] [--wait_timeout=600]
+ *             [--device_id=0]
  */
 #include <chrono>
 #include <cstdlib>
@@ -32,12 +34,10 @@ struct Options {
   std::string input_path;
   std::string output_path;
   uint32_t device_id = 0;
-  double wait_timeout = 600.0;
 };
 
 const char kUsage[] =
-    "usage: main --mindir_path=DELF_MindIR.mindir --input_path=DIR --output_path=DIR [--device_id=0] "
-    "[--wait_timeout=600]\n";
+    "usage: main --mindir_path=DELF_MindIR.mindir --input_path=DIR --output_path=DIR [--device_id=0]\n";
 
 // Accepts --name=value and --name value.
 bool ParseArgs(int argc, char **argv, Options *options, std::string *error) {
@@ -72,8 +72,6 @@ bool ParseArgs(int argc, char **argv, Options *options, std::string *error) {
         options->output_path = value;
       } else if (name == "device_id") {
         options->device_id = static_cast<uint32_t>(std::stoul(value));
-      } else if (name == "wait_timeout") {
-        options->wait_timeout = std::stod(value);
       } else {
         *error = "unknown option --" + name;
         return false;
@@ -90,6 +88,14 @@ bool ParseArgs(int argc, char **argv, Options *options, std::string *error) {
   return true;
 }
 
+bool LoadGraph(const std::string &path, mindspore::Graph *graph, std::string *error) {
+  if (mindspore::Serialization::Load(path, mindspore::ModelType::kMindIR, graph) != mindspore::kSuccess) {
+    *error = path + ": not a readable MindIR file (corrupt or truncated? export it again with export.py)";
+    return false;
+  }
+  return true;
+}
+
 // The compiled models of one export, one per input shape, built on first use.
 class ModelCache {
  public:
@@ -99,6 +105,13 @@ class ModelCache {
     if (prefix_.size() > suffix.size() && prefix_.compare(prefix_.size() - suffix.size(), suffix.size(), suffix) == 0) {
       prefix_.resize(prefix_.size() - suffix.size());
     }
+  }
+
+  // A corrupt dynamic model would fail every input: callers check it first (as src/ascend310/runner.py).
+  bool DynamicModelReadable(std::string *error) const {
+    mindspore::Graph graph;
+    const std::string path = prefix_ + ".mindir";
+    return !delf::FileExists(path) || LoadGraph(path, &graph, error);
   }
 
   mindspore::Model *Get(int64_t height, int64_t width, std::string *error) {
@@ -124,8 +137,7 @@ class ModelCache {
     }
     context->MutableDeviceInfo().push_back(ascend310);
     mindspore::Graph graph;
-    if (mindspore::Serialization::Load(path, mindspore::ModelType::kMindIR, &graph) != mindspore::kSuccess) {
-      *error = path + ": not a readable MindIR file (corrupt or truncated? export it again with export.py)";
+    if (!LoadGraph(path, &graph, error)) {
       return nullptr;
     }
     std::cout << "building " << path << " for " << shape << " inputs" << std::endl;
@@ -156,12 +168,17 @@ int main(int argc, char **argv) {
     return error.empty() ? 0 : 2;
   }
   ModelCache models(options.mindir_path, options.device_id);
+  if (!models.DynamicModelReadable(&error)) {
+    std::cerr << "error: " << error << std::endl;
+    return 2;
+  }
   // Kept alive until the loop has written them: Data() may return a host copy owned by the pointer.
   std::vector<mindspore::MSTensor> results;
   std::vector<std::shared_ptr<const void>> host_data;
   const auto start = std::chrono::steady_clock::now();
+  int num_failed = 0;
   const int count = delf::ProcessInputs(
-      options.input_path, options.output_path, options.wait_timeout,
+      options.input_path, options.output_path,
       [&](const delf::InputFile &input, const std::vector<float> &data, std::vector<delf::OutputBuffer> *outputs,
           std::string *run_error) {
         mindspore::Model *model = models.Get(input.height, input.width, run_error);
@@ -184,11 +201,13 @@ int main(int argc, char **argv) {
           outputs->push_back({host_data.back().get(), result.DataSize()});
         }
         return true;
-      });
+      },
+      &num_failed);
   if (count < 0) {
-    return 1;
+    return 2;
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::cout << count << " level files -> " << options.output_path << " in " << seconds << " s" << std::endl;
-  return 0;
+  std::cout << count << " level files -> " << options.output_path << " in " << seconds << " s, " << num_failed
+            << " failed" << std::endl;
+  return num_failed > 0 ? 1 : 0;
 }

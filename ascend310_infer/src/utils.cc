@@ -8,21 +8,14 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <regex>
-#include <thread>
 
 namespace delf {
 
-const char kDoneMarker[] = "DONE";
 const char *const kOutputSuffixes[2] = {"_attention.bin", "_features.bin"};
-
-namespace {
-constexpr auto kPollInterval = std::chrono::milliseconds(200);
-}  // namespace
 
 bool ParseInputName(const std::string &name, InputFile *file) {
   static const std::regex pattern(R"(^([^.].*)_([0-9]+)x([0-9]+)\.bin$)");
@@ -115,11 +108,50 @@ bool WriteFileAtomically(const std::string &path, const void *data, size_t size,
   return true;
 }
 
-int ProcessInputs(const std::string &input_dir, const std::string &output_dir, double wait_timeout_s,
-                  const RunNetwork &run) {
-  using Clock = std::chrono::steady_clock;
+namespace {
+
+enum class Result { kDone, kFailed, kStop };
+
+// One input file: read, run, write both outputs, delete it. Otherwise `error` starts with the file's path.
+Result RunOne(const std::string &input_dir, const std::string &output_dir, const std::string &name,
+              const RunNetwork &run, std::vector<float> *data, std::vector<OutputBuffer> *outputs,
+              std::string *error) {
+  const std::string input_path = JoinPath(input_dir, name);
+  InputFile input;
+  if (!ParseInputName(name, &input)) {
+    *error = input_path + ": not an input file name <stem>_<H>x<W>.bin";
+    return Result::kFailed;
+  }
+  if (!ReadFloatFile(input_path, static_cast<size_t>(3 * input.height * input.width), data, error)) {
+    return Result::kFailed;
+  }
+  outputs->clear();
+  if (!run(input, *data, outputs, error)) {
+    *error = input_path + ": " + *error;
+    return Result::kFailed;
+  }
+  if (outputs->size() != 2) {
+    *error = input_path + ": the network gave " + std::to_string(outputs->size()) +
+             " outputs, expected 2 (attention, features)";
+    return Result::kFailed;
+  }
+  const std::string base = name.substr(0, name.size() - 4);
+  for (size_t i = 0; i < outputs->size(); ++i) {
+    const std::string target = JoinPath(output_dir, base + kOutputSuffixes[i]);
+    if (!WriteFileAtomically(target, (*outputs)[i].data, (*outputs)[i].size, error)) {
+      return Result::kStop;  // a full disk: no point going on
+    }
+  }
+  std::remove(input_path.c_str());
+  return Result::kDone;
+}
+
+}  // namespace
+
+int ProcessInputs(const std::string &input_dir, const std::string &output_dir, const RunNetwork &run,
+                  int *num_failed) {
   int count = 0;
-  auto idle_since = Clock::now();
+  *num_failed = 0;
   std::vector<float> data;
   std::vector<OutputBuffer> outputs;
   std::string error;
@@ -127,57 +159,17 @@ int ProcessInputs(const std::string &input_dir, const std::string &output_dir, d
     std::cerr << "error: cannot create the output directory " << output_dir << std::endl;
     return -1;
   }
-  while (true) {
-    const std::vector<std::string> names = ListInputFiles(input_dir);
-    for (const std::string &name : names) {
-      InputFile input;
-      const std::string input_path = JoinPath(input_dir, name);
-      if (!ParseInputName(name, &input)) {
-        std::cerr << "error: " << input_path << ": not an input file name <stem>_<H>x<W>.bin" << std::endl;
-        return -1;
-      }
-      if (!ReadFloatFile(input_path, static_cast<size_t>(3 * input.height * input.width), &data, &error)) {
-        std::cerr << "error: " << error << std::endl;
-        return -1;
-      }
-      outputs.clear();
-      if (!run(input, data, &outputs, &error)) {
-        std::cerr << "error: " << input_path << ": " << error << std::endl;
-        return -1;
-      }
-      if (outputs.size() != 2) {
-        std::cerr << "error: the network gave " << outputs.size() << " outputs, expected 2 (attention, features)"
-                  << std::endl;
-        return -1;
-      }
-      const std::string base = name.substr(0, name.size() - 4);
-      for (size_t i = 0; i < outputs.size(); ++i) {
-        const std::string target = JoinPath(output_dir, base + kOutputSuffixes[i]);
-        if (!WriteFileAtomically(target, outputs[i].data, outputs[i].size, &error)) {
-          std::cerr << "error: " << error << std::endl;
-          return -1;
-        }
-      }
-      std::remove(input_path.c_str());
+  for (const std::string &name : ListInputFiles(input_dir)) {
+    const Result result = RunOne(input_dir, output_dir, name, run, &data, &outputs, &error);
+    if (result == Result::kDone) {
       ++count;
-    }
-    if (!names.empty()) {
-      idle_since = Clock::now();
       continue;
     }
-    if (FileExists(JoinPath(input_dir, kDoneMarker)) && ListInputFiles(input_dir).empty()) {
-      break;
-    }
-    if (std::chrono::duration<double>(Clock::now() - idle_since).count() > wait_timeout_s) {
-      std::cerr << "error: no input in " << input_dir << " for " << wait_timeout_s << " s and no " << kDoneMarker
-                << " marker from src.preprocess: is it running?" << std::endl;
+    std::cerr << "error: " << error << std::endl;
+    if (result == Result::kStop) {
       return -1;
     }
-    std::this_thread::sleep_for(kPollInterval);
-  }
-  if (!WriteFileAtomically(JoinPath(output_dir, kDoneMarker), "", 0, &error)) {
-    std::cerr << "error: " << error << std::endl;
-    return -1;
+    ++*num_failed;
   }
   return count;
 }

@@ -1,39 +1,34 @@
-"""Ascend-310 path, step 2 on any machine: the exported MindIR over the preprocess files.
+"""Ascend-310 path, step 2: the exported network over the input files of a work directory.
 
-Does what ascend310_infer/src/main.cc does, with MindSpore's Python API (mindspore.load +
-nn.GraphCell), so the whole 310 path runs without an Ascend device:
+Two runners follow the same protocol (src/ascend310/protocol.py): `run_inference` does with
+MindSpore's Python API (mindspore.load + nn.GraphCell) on any device what the C++ binary of
+ascend310_infer/ does on Ascend 310, and `run_binary` starts that binary. Each runs every input
+file present once, writes its two outputs atomically and deletes it; a file that fails is
+reported and skipped, so one bad image does not stop the others.
 
-- takes the finished input files `<stem>_<H>x<W>.bin` (raw float32, (1, 3, H, W)) of the input
-  directory in name order, runs the network, writes `<stem>_<H>x<W>_attention.bin` (1, 1, h, w)
-  and `..._features.bin` (1, D, h, w) atomically into the output directory, and deletes the input;
-- the model for an H x W input is `<prefix>_<H>x<W>.mindir` when export.py wrote that static
-  model, else the dynamic-shape `<prefix>.mindir` (prefix = MINDIR path without `.mindir`);
-- it waits for more input until preprocess's DONE marker is there and the directory is empty,
-  then writes its own DONE marker into the output directory for src/postprocess.py.
-
-    python -m src.infer_mindir --mindir_path DELF_MindIR.mindir --input_path WORK/inputs \
-        --output_path WORK/outputs
+The model for an H x W input is `<prefix>_<H>x<W>.mindir` when export.py wrote that static
+model, else the dynamic-shape `<prefix>.mindir` (prefix = MINDIR path without `.mindir`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import re
-import time
+import subprocess
 from pathlib import Path
 
 import numpy as np
+from mindspore import Tensor
+from tqdm import tqdm
 
-from model_utils.cli import InputError, cli_main
-from src.ascend310.preprocess import DEFAULT_WAIT_TIMEOUT, DONE_MARKER, POLL_INTERVAL
+from model_utils.cli import InputError
+from model_utils.files import atomic_write_bytes
+from src.ascend310.protocol import output_paths, parse_input_name
 from src.model.export import load_mindir
 from src.model.weights import checkpoint_id
 
 LOGGER = logging.getLogger("delf.infer_mindir")
-
-INPUT_NAME = re.compile(r"^(?P<stem>[^.].*)_(?P<height>\d+)x(?P<width>\d+)\.bin$")
-OUTPUT_SUFFIXES = ("_attention.bin", "_features.bin")  # the network's outputs, in order
 
 
 def mindir_prefix(mindir_path: str | Path) -> str:
@@ -69,7 +64,7 @@ class ModelSet:
         self._loaded = {}
         dynamic = Path(self.prefix + ".mindir")
         if dynamic in self.files:
-            self._loaded[dynamic] = load_mindir(dynamic)  # fail now on a corrupt file, not at the first image
+            self._loaded[dynamic] = load_mindir(dynamic)  # fail now on a corrupt file, not at every image
 
     def path_for(self, height: int, width: int) -> Path:
         static = Path(f"{self.prefix}_{height}x{width}.mindir")
@@ -89,12 +84,6 @@ class ModelSet:
         return self._loaded[path]
 
 
-def parse_input_name(name: str) -> tuple[str, int, int] | None:
-    """(stem, H, W) of an input file name `<stem>_<H>x<W>.bin`; None for other names."""
-    match = INPUT_NAME.match(name)
-    return (match["stem"], int(match["height"]), int(match["width"])) if match else None
-
-
 def read_input(path: Path, height: int, width: int) -> np.ndarray:
     """One (1, 3, H, W) float32 input file, its size checked."""
     data = np.fromfile(path, dtype=np.float32)
@@ -104,82 +93,56 @@ def read_input(path: Path, height: int, width: int) -> np.ndarray:
     return data.reshape(1, 3, height, width)
 
 
-def infer_file(models: ModelSet, input_path: Path, output_dir: Path) -> list[Path]:
-    """Run one input file, write its outputs atomically, delete it; returns the output paths."""
-    from mindspore import Tensor
-
-    from src.extraction.store import atomic_output
-
+def infer_file(models: ModelSet, input_path: Path, output_dir: Path) -> None:
+    """Run one input file, write its outputs atomically, delete it."""
     parsed = parse_input_name(input_path.name)
     if parsed is None:
         raise InputError(f"{input_path}: not an input file name <stem>_<H>x<W>.bin")
     _, height, width = parsed
     outputs = models.for_shape(height, width)(Tensor(read_input(input_path, height, width)))
-    written = []
-    for output, suffix in zip(outputs, OUTPUT_SUFFIXES, strict=True):
-        target = output_dir / (input_path.name[: -len(".bin")] + suffix)
-        with atomic_output(target) as temporary, open(temporary, "wb") as stream:
-            stream.write(np.ascontiguousarray(output.asnumpy(), dtype=np.float32).tobytes())
-        written.append(target)
+    for output, target in zip(outputs, output_paths(output_dir, input_path.name), strict=True):
+        atomic_write_bytes(target, np.ascontiguousarray(output.asnumpy(), dtype=np.float32).tobytes())
     input_path.unlink()
-    return written
 
 
-def pending_inputs(input_dir: Path) -> list[Path]:
-    """Finished input files, in name order (temporaries start with '.', which glob skips)."""
-    return sorted(input_dir.glob("*.bin"))
-
-
-def run_inference(mindir_path: str | Path, input_dir: str | Path, output_dir: str | Path,
-                  wait_timeout: float = DEFAULT_WAIT_TIMEOUT, progress: bool = True) -> int:
-    """Consume every input file until preprocess is done; returns the number of files run."""
-    from tqdm import tqdm
-
+def run_inference(models: ModelSet | str | Path, input_dir: str | Path, output_dir: str | Path,
+                  progress: bool = True) -> dict[str, str]:
+    """Run every input file of `input_dir` (MindIR path or loaded models); returns failed file name -> reason."""
+    if not isinstance(models, ModelSet):
+        models = ModelSet(models)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    models = ModelSet(mindir_path)
-    count, idle_since = 0, time.monotonic()
-    with tqdm(desc="infer", unit="level", disable=not progress) as bar:
-        while True:
-            files = pending_inputs(input_dir)
-            for path in files:
-                infer_file(models, path, output_dir)
-                count += 1
-                bar.update()
-            if files:
-                idle_since = time.monotonic()
-                continue
-            if (input_dir / DONE_MARKER).exists() and not pending_inputs(input_dir):
-                break
-            if time.monotonic() - idle_since > wait_timeout:
-                raise InputError(f"no input in {input_dir} for {wait_timeout:g} s and no {DONE_MARKER} marker "
-                                 "from src.preprocess: is it running?")
-            time.sleep(POLL_INTERVAL)
-    with open(output_dir / DONE_MARKER, "wb"):
-        pass
-    return count
+    failed = {}
+    for path in tqdm(sorted(input_dir.glob("*.bin")), desc="infer", unit="level", disable=not progress):
+        try:
+            infer_file(models, path, output_dir)
+        except (InputError, MemoryError, RuntimeError, ValueError) as error:
+            failed[path.name] = " ".join(str(error).split())
+            LOGGER.error("%s", failed[path.name])
+    return failed
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    from model_utils.device import setup_device
+def run_binary(binary: str | Path, mindir_path: str | Path, device_id: int, input_dir: str | Path,
+               output_dir: str | Path) -> dict[str, str]:
+    """`run_inference` through the C++ runner (ascend310_infer/out/main); returns failed file name -> reason.
 
-    parser = argparse.ArgumentParser(description="Run an exported DELF MindIR over src.preprocess's input files "
-                                     "(what ascend310_infer/ does on Ascend 310, on any device).")
-    parser.add_argument("--mindir_path", required=True,
-                        help="DELF_MindIR.mindir (static <prefix>_<H>x<W>.mindir beside it are used when present)")
-    parser.add_argument("--input_path", required=True, help="the preprocess inputs/ directory (files are consumed)")
-    parser.add_argument("--output_path", required=True, help="directory for the network outputs")
-    parser.add_argument("--device_target", default="auto", help="auto, Ascend, GPU or CPU")
-    parser.add_argument("--device_id", type=int, default=0, help="device index")
-    parser.add_argument("--wait_timeout", type=float, default=DEFAULT_WAIT_TIMEOUT,
-                        help="seconds to wait for new input before giving up")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    setup_device(args.device_target, args.device_id, graph_mode=False)
-    count = run_inference(args.mindir_path, args.input_path, args.output_path, args.wait_timeout)
-    print(f"{count} level files -> {args.output_path}")
+    The binary exits 0, 1 when some input files failed (one line `error: <input path>: <reason>`
+    each on stderr), or 2 when it could not run at all.
+    """
+    if not os.access(binary, os.X_OK):
+        raise InputError(f"C++ runner not found or not executable: {binary} (build it with ascend310_infer/build.sh)")
+    result = subprocess.run([str(binary), f"--mindir_path={mindir_path}", f"--input_path={input_dir}",
+                             f"--output_path={output_dir}", f"--device_id={device_id}"],
+                            capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        LOGGER.info("%s", line)
+    errors = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.startswith("error: ")]
+    if result.returncode != 0 and (result.returncode != 1 or not errors):
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise InputError(f"the C++ runner {binary} failed (exit {result.returncode}): {last}")
+    failed = {}
+    for error in errors:
+        LOGGER.error("%s", error)
+        failed[Path(error.split(": ", 1)[0]).name] = error
+    return failed
 
-
-if __name__ == "__main__":
-    main()

@@ -1,16 +1,17 @@
-"""The Ascend-310 path: preprocess -> runner (src.infer_mindir or the C++ ascend310_infer) -> postprocess.
+"""The Ascend-310 path: preprocess -> runner (the Python MindIR runner or the C++ ascend310_infer) -> postprocess,
+chunk by chunk (src/ascend310/driver.py).
 
-Exact inputs through the dynamic MindIR must give bit-for-bit the features of direct extraction;
-canvas (static-shape) inputs may differ only in cells whose receptive field reaches the padding.
-The C++ runner cannot run without an Ascend device: its file protocol is run here with a fake
-network (utils.cc has no MindSpore in it), and main.cc is compiled and linked against the
+Exact inputs through the dynamic MindIR must give the features of direct extraction; canvas
+(static-shape) inputs may differ only in cells whose receptive field reaches the padding. The C++
+runner cannot run without an Ascend device: its file loop is run here with a fake network
+(utils.cc has no MindSpore in it), and main.cc is compiled and linked against the
 mindspore-ascend wheel.
 """
 
+import json
+import logging
 import os
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import mindspore
@@ -19,28 +20,27 @@ import pytest
 from PIL import Image
 
 from model_utils.cli import InputError
-from model_utils.config import ExtractionConfig
+from model_utils.config import ExtractionConfig, get_config
 from model_utils.files import list_images
-from src.ascend310.postprocess import postprocess
+from src.ascend310.driver import make_runner, run_chunked
+from src.ascend310.postprocess import postprocess, settings_hash
 from src.ascend310.preprocess import (
     DEFAULT_STORE,
-    DONE_MARKER,
-    INPUTS_DIR,
-    MANIFESTS_DIR,
-    OUTPUTS_DIR,
     canvas_side,
     canvas_sides,
     place_on_canvas,
     plan_jobs,
     preprocess,
 )
-from src.ascend310.runner import main as infer_main
-from src.ascend310.runner import model_id, run_inference
-from src.extraction.extractor import DelfExtractor, extract_to_store
+from src.ascend310.protocol import INPUTS_DIR, MANIFEST_NAME, OUTPUTS_DIR, output_paths, parse_input_name
+from src.ascend310.runner import model_id, run_binary, run_inference
+from src.extraction.extractor import DelfExtractor, extract_to_store, failures_path
 from src.extraction.images import load_image, resize_image
 from src.extraction.keypoints import receptive_boxes
 from src.extraction.pyramid import normalize_images, pyramid_inputs
 from src.extraction.store import FeatureStore
+from src.infer_310 import main as infer_310_main
+from src.infer_mindir import main as infer_main
 from src.model.export import export_network
 from src.model.network import block3_output_size
 from src.model.weights import checkpoint_id
@@ -84,11 +84,16 @@ def random_pca(tmp_path_factory):
     return {"pca_mean_path": str(folder / "mean.npy"), "pca_projection_path": str(folder / "proj.npy")}
 
 
-def run_310_path(jobs, config, mindir_path, work, output_dir, input_mode="exact"):
-    """The three stages one after another (max_pending 0: nothing consumes while preprocess runs)."""
-    preprocess(jobs, config, work, input_mode, max_pending=0, progress=False)
-    run_inference(mindir_path, work / INPUTS_DIR, work / OUTPUTS_DIR, progress=False)
-    return postprocess(work, output_dir, config, model_id(mindir_path), progress=False)
+def run_310_path(jobs, config, mindir_path, work, output_dir, input_mode="exact", chunk_size=1):
+    """The driver with the Python runner; returns the number of images stored."""
+    reports = run_chunked(jobs, config, mindir_path, make_runner(mindir_path), work, output_dir, input_mode,
+                          chunk_size, progress=False)
+    assert not any(report.failed for report in reports.values())
+    return sum(report.extracted for report in reports.values())
+
+
+def files_under(folder):
+    return sorted(path.relative_to(folder) for path in Path(folder).rglob("*") if path.is_file())
 
 
 def read_store(path, image_id):
@@ -162,10 +167,9 @@ def assert_same_features(via_310, direct):
 
 
 @pytest.mark.slow
-def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, images_dir, pair_list,
-                                                                    random_pca, tmp_path):
+def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, images_dir, random_pca, tmp_path):
     config = ExtractionConfig(**SMALL, max_feature_num=20, iou_threshold=0.9, **random_pca)
-    jobs = plan_jobs(images_dir, str(pair_list))
+    jobs = plan_jobs(images_dir, list(PAIR))
     assert [(job.store, job.image_id) for job in jobs] == [(DEFAULT_STORE, name) for name in PAIR]
     assert run_310_path(jobs, config, mindir, tmp_path / "work", tmp_path / "features") == 2
 
@@ -181,21 +185,19 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
         assert_same_features(via_310, direct)
         assert attributes["image_size"] == direct_attributes["image_size"]
         assert attributes["settings_hash"] == config.settings_hash(f"{checkpoint_id(str(mindir))};input=exact")
-    # Everything was consumed: inputs, outputs and manifests, leaving the two DONE markers.
-    work = tmp_path / "work"
-    assert sorted(p.name for p in work.rglob("*") if p.is_file()) == [DONE_MARKER, DONE_MARKER]
+    # Every chunk's inputs, outputs and manifest were deleted.
+    assert files_under(tmp_path / "work") == []
 
 
 @pytest.mark.slow
-def test_canvas_inputs_through_static_models_differ_only_near_the_padding(model, mindir, images_dir, pair_list,
-                                                                          tmp_path):
+def test_canvas_inputs_through_static_models_differ_only_near_the_padding(model, mindir, images_dir, tmp_path):
     # 449: every level side is odd, so the offset is exercised in both directions.
     config = ExtractionConfig(image_scales=(1.0,), max_image_size=449, score_threshold=0.0, use_pca=False)
     static = export_network(model, mindir.parent / "DELF_MindIR", "MINDIR", [(450, 450)])
     try:
-        jobs = plan_jobs(images_dir, str(pair_list))
-        run_310_path(jobs, config, mindir, tmp_path / "exact_work", tmp_path / "exact")
-        run_310_path(jobs, config, mindir, tmp_path / "canvas_work", tmp_path / "canvas", "canvas")
+        jobs = plan_jobs(images_dir, list(PAIR))
+        run_310_path(jobs, config, mindir, tmp_path / "exact_work", tmp_path / "exact", chunk_size=2)
+        run_310_path(jobs, config, mindir, tmp_path / "canvas_work", tmp_path / "canvas", "canvas", chunk_size=2)
         assert "DELF_MindIR_450x450.mindir" in model_id(mindir)
     finally:
         static[0].unlink()
@@ -218,52 +220,184 @@ def test_canvas_inputs_through_static_models_differ_only_near_the_padding(model,
         assert difference[~is_inside].max() > 1e-3
 
 
-# ---- throttling and errors ------------------------------------------------------------------------
+# ---- the chunked driver ------------------------------------------------------------------------------
+
+# A fake network stands in for the MindIR here (the comparisons with direct extraction are above).
+FAST_OVERRIDES = ("--extraction.image_scales=[1.0]", "--extraction.use_pca=false", "--extraction.score_threshold=0",
+                  "--extraction.max_feature_num=10000")
+FAST = get_config(list(FAST_OVERRIDES)).extraction
 
 
 @pytest.fixture
 def small_images(images_dir, tmp_path):
+    """crop0 ... crop4, 48x64 each: one pyramid level of one file per image."""
     folder = tmp_path / "images"
     folder.mkdir()
     photo = load_image(images_dir / "box.png")
-    for index in range(4):
-        Image.fromarray(photo[40 * index:40 * index + 48, :64]).save(folder / f"crop{index}.png")
+    for index in range(5):
+        Image.fromarray(photo[30 * index:30 * index + 48, :64]).save(folder / f"crop{index}.png")
     return folder
 
 
-def test_preprocess_keeps_at_most_max_pending_images_in_flight(small_images, tmp_path):
-    config = ExtractionConfig(image_scales=(1.0,))
+@pytest.fixture
+def fake_mindir(tmp_path):
+    """A stand-in export: the fake runners never read it; model_id only needs the file."""
+    path = tmp_path / "export" / "DELF_MindIR.mindir"
+    path.parent.mkdir()
+    path.write_bytes(b"not read")
+    return path
+
+
+def fake_network_outputs(input_name):
+    """What FAKE_RUNNER computes: attention = 1 + row * width + column, features = (row + 1, column + 1)."""
+    _, height, width = parse_input_name(input_name)
+    rows, columns = np.mgrid[:block3_output_size(height), :block3_output_size(width)]
+    attention = 1.0 + rows * rows.shape[1] + columns
+    return attention.astype(np.float32), np.stack([rows + 1, columns + 1]).astype(np.float32)
+
+
+class FakeRunner:
+    """A runner with the fake network that records what the work directory held at each call."""
+
+    def __init__(self, fail_images=(), interrupt_at_call=0):
+        self.calls = []  # per call: (image ids of the manifest, input files, output files)
+        self.fail_images, self.interrupt_at_call = set(fail_images), interrupt_at_call
+
+    def __call__(self, inputs_dir, outputs_dir):
+        manifest = json.loads((inputs_dir.parent / MANIFEST_NAME).read_text())
+        self.calls.append(([image["image_id"] for image in manifest["images"]], files_under(inputs_dir),
+                           files_under(outputs_dir)))
+        if len(self.calls) == self.interrupt_at_call:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a chunk
+        owner = {level["input_file"]: image["image_id"] for image in manifest["images"]
+                 for level in image.get("levels", [])}
+        failed = {}
+        for path in sorted(inputs_dir.glob("*.bin")):
+            if owner[path.name] in self.fail_images:
+                failed[path.name] = f"{path}: fake network failure"
+                continue
+            for data, target in zip(fake_network_outputs(path.name), output_paths(outputs_dir, path.name),
+                                    strict=True):
+                target.write_bytes(data.tobytes())
+            path.unlink()
+        return failed
+
+
+def stored_ids(store_path):
+    with FeatureStore(store_path) as store:
+        return store.image_ids()
+
+
+def assert_same_stores(store_path, other_path, names):
+    for name in names:
+        (first, first_attributes), (second, second_attributes) = (read_store(path, name)
+                                                                  for path in (store_path, other_path))
+        assert first_attributes == second_attributes
+        for field in first._fields:
+            np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
+
+
+CROPS = [f"crop{index}" for index in range(5)]
+
+
+def test_driver_keeps_one_chunk_on_disk_and_deletes_it(small_images, fake_mindir, tmp_path):
+    work, features = tmp_path / "work", tmp_path / "features"
+    runner = FakeRunner()
+    reports = run_chunked(plan_jobs(small_images), FAST, fake_mindir, runner, work, features, chunk_size=2,
+                          progress=False)
+    assert [ids for ids, _, _ in runner.calls] == [CROPS[0:2], CROPS[2:4], CROPS[4:]]
+    for ids, inputs, outputs in runner.calls:
+        # The runner sees this chunk's level files only: nothing of an earlier chunk is left on disk.
+        assert [path.name[:6] for path in inputs] == [f"{number:06d}" for number in range(len(ids))]
+        assert outputs == []
+    assert files_under(work) == []
+    report = reports[DEFAULT_STORE]
+    assert (report.extracted, report.skipped, report.failed) == (5, 0, {})
+    assert stored_ids(features / DEFAULT_STORE) == CROPS
+    assert not failures_path(features / DEFAULT_STORE).exists()
+    _, attributes = read_store(features / DEFAULT_STORE, "crop0")
+    assert attributes["settings_hash"] == settings_hash(FAST, model_id(fake_mindir), "exact")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(small_images, fake_mindir, tmp_path):
+    jobs, work, features = plan_jobs(small_images), tmp_path / "work", tmp_path / "features"
+    with pytest.raises(KeyboardInterrupt):
+        run_chunked(jobs, FAST, fake_mindir, FakeRunner(interrupt_at_call=2), work, features, chunk_size=2,
+                    progress=False)
+    assert files_under(work) == []  # the interrupted chunk's files were deleted too
+    assert stored_ids(features / DEFAULT_STORE) == CROPS[:2]
+
+    runner = FakeRunner()
+    reports = run_chunked(jobs, FAST, fake_mindir, runner, work, features, chunk_size=2, progress=False)
+    assert [ids for ids, _, _ in runner.calls] == [CROPS[2:4], CROPS[4:]]
+    assert (reports[DEFAULT_STORE].extracted, reports[DEFAULT_STORE].skipped) == (3, 2)
+    run_chunked(jobs, FAST, fake_mindir, FakeRunner(), tmp_path / "work2", tmp_path / "straight", chunk_size=5,
+                progress=False)
+    assert_same_stores(features / DEFAULT_STORE, tmp_path / "straight" / DEFAULT_STORE, CROPS)
+
+
+def test_a_bad_image_is_listed_never_stored_and_does_not_stop_the_others(small_images, fake_mindir, tmp_path):
+    (small_images / "bad.png").write_bytes(b"not a png")  # preprocess fails on it
+    work, features = tmp_path / "work", tmp_path / "features"
+    # crop1 (number 2 of the first chunk) fails in the runner; the well-formed outputs an earlier run left for
+    # its file name must not be taken for its own.
+    (work / OUTPUTS_DIR).mkdir(parents=True)
+    for data, target in zip(fake_network_outputs("000002_l0_48x64.bin"),
+                            output_paths(work / OUTPUTS_DIR, "000002_l0_48x64.bin"), strict=True):
+        target.write_bytes(data.tobytes())
     jobs = plan_jobs(small_images)
+    reports = run_chunked(jobs, FAST, fake_mindir, FakeRunner(fail_images={"crop1"}), work, features, chunk_size=3,
+                          progress=False)
+    failed = reports[DEFAULT_STORE].failed
+    assert sorted(failed) == ["bad", "crop1"]
+    assert failed["bad"].startswith(str(small_images / "bad.png")) and "not an image file" in failed["bad"]
+    assert failed["crop1"].startswith(str(small_images / "crop1.png")) and "fake network failure" in failed["crop1"]
+    assert stored_ids(features / DEFAULT_STORE) == ["crop0", "crop2", "crop3", "crop4"]
+    listed = failures_path(features / DEFAULT_STORE).read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["bad", "crop1"]
+
+    runner = FakeRunner()  # crop1 is retried (never recorded as done); bad.png fails again
+    reports = run_chunked(jobs, FAST, fake_mindir, runner, work, features, chunk_size=3, progress=False)
+    assert [ids for ids, _, _ in runner.calls] == [["bad", "crop1"]]
+    assert sorted(reports[DEFAULT_STORE].failed) == ["bad"]
+    assert stored_ids(features / DEFAULT_STORE) == CROPS
+    assert failures_path(features / DEFAULT_STORE).read_text().startswith("bad\t")
+
+
+@pytest.fixture
+def delf_logging_restored():
+    """The CLI points the 'delf' logger at this test's (captured) stderr: undo that afterwards."""
+    logger = logging.getLogger("delf")
+    handlers, level = logger.handlers[:], logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_cli_exit_status_follows_skip_bad_images(mindir, small_images, tmp_path, capsys, delf_logging_restored):
+    (small_images / "bad.png").write_bytes(b"not a png")
+    arguments = ["--mindir_path", str(mindir), "--images_path", str(small_images), "--work_path", str(tmp_path / "w"),
+                 "--output_dir", str(tmp_path / "features"), "--device_target=CPU", *FAST_OVERRIDES]
+    assert infer_310_main(arguments) == 1
+    captured = capsys.readouterr()
+    assert "5 images extracted, 0 already done, 1 failed" in captured.out and "bad.png" in captured.err
+    assert infer_310_main([*arguments, "--skip_bad_images=true"]) == 0
+    assert "0 images extracted, 5 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_truncated_input_and_missing_outputs_are_reported(mindir, small_images, tmp_path):
     work = tmp_path / "work"
-    errors = []
-    producer = threading.Thread(target=lambda: _catch(errors, preprocess, jobs, config, work, max_pending=2,
-                                                      progress=False))
-    producer.start()
-    most, consumed = 0, 0
-    while producer.is_alive() or list((work / MANIFESTS_DIR).glob("*.json")):
-        manifests = sorted((work / MANIFESTS_DIR).glob("*.json"))
-        most = max(most, len(manifests))
-        if len(manifests) == 2 or (manifests and not producer.is_alive()):
-            time.sleep(0.3)  # give a throttled producer the chance to (wrongly) write a third
-            most = max(most, len(list((work / MANIFESTS_DIR).glob("*.json"))))
-            manifests[0].unlink()  # what postprocess does once an image is stored
-            consumed += 1
-        time.sleep(0.02)
-    producer.join()
-    assert not errors and most == 2 and consumed == 4
-    assert len(list((work / INPUTS_DIR).glob("*.bin"))) == 4 and (work / INPUTS_DIR / DONE_MARKER).exists()
-
-    with pytest.raises(InputError, match="--max_pending 0"):
-        preprocess(jobs, config, tmp_path / "stalled", max_pending=1, wait_timeout=0.3, progress=False)
-    with pytest.raises(InputError, match="files of an earlier run"):
-        preprocess(jobs, config, tmp_path / "stalled", progress=False)
-
-
-def _catch(errors, function, *args, **kwargs):
-    try:
-        function(*args, **kwargs)
-    except Exception as error:  # reported to the test by the list
-        errors.append(error)
+    preprocess(plan_jobs(small_images)[:1], FAST, work, progress=False)
+    (level_file,) = (work / INPUTS_DIR).glob("*.bin")
+    level_file.write_bytes(level_file.read_bytes()[:-4])
+    failed = run_inference(mindir, work / INPUTS_DIR, work / OUTPUTS_DIR, progress=False)
+    assert list(failed) == [level_file.name]
+    assert "_48x64.bin: 36860 bytes, expected 36864" in failed[level_file.name]
+    reports = postprocess(work, tmp_path / "features", FAST, "id")
+    (reason,) = reports[DEFAULT_STORE].failed.values()
+    assert reason.startswith(str(small_images / "crop0.png")) and "the runner wrote no outputs" in reason
+    assert failures_path(tmp_path / "features" / DEFAULT_STORE).read_text().startswith("crop0\t")
+    assert files_under(work) == []
 
 
 def test_missing_or_corrupt_mindir_gives_a_clear_one_line_error(tmp_path, capsys):
@@ -274,6 +408,8 @@ def test_missing_or_corrupt_mindir_gives_a_clear_one_line_error(tmp_path, capsys
     corrupt.write_bytes(b"\x08\x01" + os.urandom(2000))
     with pytest.raises(InputError, match="corrupt.mindir is not a readable MindIR file"):
         run_inference(corrupt, tmp_path / "inputs", tmp_path / "outputs")
+    with pytest.raises(InputError, match="corrupt.mindir is not a readable MindIR file"):
+        make_runner(corrupt)  # before any image is prepared
     with pytest.raises(SystemExit) as stop:
         infer_main(["--mindir_path", str(corrupt), "--input_path", str(tmp_path / "inputs"),
                     "--output_path", str(tmp_path / "outputs"), "--device_target", "CPU"])
@@ -282,23 +418,11 @@ def test_missing_or_corrupt_mindir_gives_a_clear_one_line_error(tmp_path, capsys
     assert error.startswith("error: ") and error.count("\n") == 1 and "corrupt.mindir" in error
 
 
-def test_truncated_input_and_missing_outputs_are_reported(mindir, small_images, tmp_path):
-    config = ExtractionConfig(image_scales=(1.0,), score_threshold=0.0, use_pca=False)
-    work = tmp_path / "work"
-    preprocess(plan_jobs(small_images)[:1], config, work, max_pending=0, progress=False)
-    (level_file,) = (work / INPUTS_DIR).glob("*.bin")
-    level_file.write_bytes(level_file.read_bytes()[:-4])
-    with pytest.raises(InputError, match=r"_48x64.bin: 36860 bytes, expected 36864"):
-        run_inference(mindir, work / INPUTS_DIR, work / OUTPUTS_DIR, progress=False)
-    (work / OUTPUTS_DIR / DONE_MARKER).write_bytes(b"")  # as if the runner had finished anyway
-    with pytest.raises(InputError, match="outputs of 1 images are missing"):
-        postprocess(work, tmp_path / "features", config, "id", wait_timeout=5, progress=False)
-
-
 # ---- the C++ runner --------------------------------------------------------------------------------
 
-# The polling loop of ascend310_infer/src/utils.cc with a fake network whose outputs say which
+# The file loop of ascend310_infer/src/utils.cc with a fake network whose outputs say which
 # cell they are: attention = 1 + row * width + column, features = (row + 1, column + 1).
+# It takes main's --input_path= and --output_path= (and ignores the rest), so the driver can run it.
 FAKE_RUNNER = r"""
 #include <iostream>
 #include "inc/utils.h"
@@ -309,9 +433,16 @@ static int64_t Block3(int64_t s) {
   return s;
 }
 int main(int argc, char **argv) {
-  if (argc != 3) return 2;
+  std::string input_dir, output_dir;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--input_path=", 0) == 0) input_dir = arg.substr(13);
+    if (arg.rfind("--output_path=", 0) == 0) output_dir = arg.substr(14);
+  }
+  if (input_dir.empty() || output_dir.empty()) return 2;
   std::vector<float> attention, features;
-  const int count = delf::ProcessInputs(argv[1], argv[2], 10.0,
+  int failed = 0;
+  const int count = delf::ProcessInputs(input_dir, output_dir,
       [&](const delf::InputFile &input, const std::vector<float> &data, std::vector<delf::OutputBuffer> *outputs,
           std::string *error) {
         if (data.size() != static_cast<size_t>(3 * input.height * input.width)) { *error = "bad size"; return false; }
@@ -328,9 +459,10 @@ int main(int argc, char **argv) {
         outputs->push_back({attention.data(), attention.size() * sizeof(float)});
         outputs->push_back({features.data(), features.size() * sizeof(float)});
         return true;
-      });
+      },
+      &failed);
   std::cout << count << std::endl;
-  return count < 0 ? 1 : 0;
+  return count < 0 ? 2 : failed > 0 ? 1 : 0;
 }
 """
 
@@ -346,20 +478,23 @@ def fake_runner(tmp_path_factory):
     return binary
 
 
-def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_runner, images_dir, pair_list,
-                                                                         tmp_path):
+def run_fake(binary, work):
+    return subprocess.run([str(binary), f"--input_path={work / INPUTS_DIR}", f"--output_path={work / OUTPUTS_DIR}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_runner, images_dir, tmp_path):
     """Canvas inputs, the C++ loop, then postprocess: every valid cell comes back at its own location."""
     config = ExtractionConfig(image_scales=(0.5, 1.0), max_image_size=300, score_threshold=0.0,
                               max_feature_num=10_000, use_pca=False)
     work = tmp_path / "work"
-    preprocess(plan_jobs(images_dir, str(pair_list)), config, work, "canvas", max_pending=0, progress=False)
+    preprocess(plan_jobs(images_dir, list(PAIR)), config, work, "canvas", progress=False)
     (work / INPUTS_DIR / "junk.txt").write_text("not an input")  # ignored: not *.bin
-    result = subprocess.run([str(fake_runner), str(work / INPUTS_DIR), str(work / OUTPUTS_DIR)],
-                            capture_output=True, text=True, timeout=60)
+    result = run_fake(fake_runner, work)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "4" and (work / OUTPUTS_DIR / DONE_MARKER).exists()
+    assert result.stdout.strip() == "4"
     assert not list((work / INPUTS_DIR).glob("*.bin"))
-    postprocess(work, tmp_path / "features", config, "fake", progress=False)
+    postprocess(work, tmp_path / "features", config, "fake")
 
     canvas = dict(zip(config.image_scales, canvas_sides(config), strict=True))
     for name in PAIR:
@@ -383,12 +518,62 @@ def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_r
         assert len(features.locations) == expected
 
 
-def test_cpp_loop_rejects_a_badly_named_input(fake_runner, tmp_path):
-    (tmp_path / "inputs").mkdir()
-    (tmp_path / "inputs" / "image.bin").write_bytes(b"")
-    result = subprocess.run([str(fake_runner), str(tmp_path / "inputs"), str(tmp_path / "outputs")],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "image.bin: not an input file name <stem>_<H>x<W>.bin" in result.stderr
+def test_cpp_loop_reports_a_bad_input_and_runs_the_others(fake_runner, tmp_path):
+    inputs, outputs = tmp_path / INPUTS_DIR, tmp_path / OUTPUTS_DIR
+
+    def write_inputs():
+        inputs.mkdir(exist_ok=True)
+        (inputs / "image.bin").write_bytes(b"")
+        (inputs / "000000_l0_48x64.bin").write_bytes(np.zeros((1, 3, 48, 64), np.float32).tobytes())
+        (inputs / "000001_l0_48x64.bin").write_bytes(b"\0" * 8)
+
+    write_inputs()
+    result = run_fake(fake_runner, tmp_path)
+    assert result.returncode == 1
+    assert "image.bin: not an input file name <stem>_<H>x<W>.bin" in result.stderr
+    assert "000001_l0_48x64.bin: 8 bytes, expected 36864" in result.stderr
+    assert result.stdout.strip() == "1"
+    assert files_under(outputs) == [Path(path.name) for path in output_paths(outputs, "000000_l0_48x64.bin")]
+    assert sorted(path.name for path in inputs.iterdir()) == ["000001_l0_48x64.bin", "image.bin"]
+
+    write_inputs()  # the driver's view of the same: failures by input file name
+    failed = run_binary(fake_runner, "unused.mindir", 0, inputs, outputs)
+    assert sorted(failed) == ["000001_l0_48x64.bin", "image.bin"] and "8 bytes" in failed["000001_l0_48x64.bin"]
+    with pytest.raises(InputError, match=r"C\+\+ runner not found"):
+        run_binary(tmp_path / "missing", "unused.mindir", 0, inputs, outputs)
+
+
+# Starts the fake runner, except the second time: then it kills the process that started it (no cleanup at all).
+KILLING_RUNNER = """#!/usr/bin/env bash
+calls=$(( $(cat "{counter}" 2>/dev/null || echo 0) + 1 ))
+echo "$calls" > "{counter}"
+if [[ $calls == 2 ]]; then kill -9 "$PPID"; exit 1; fi
+exec "{binary}" "$@"
+"""
+
+
+def test_a_killed_run_resumes_with_the_cpp_runner(fake_runner, small_images, fake_mindir, tmp_path):
+    counter, wrapper = tmp_path / "calls", tmp_path / "runner.sh"
+    wrapper.write_text(KILLING_RUNNER.format(counter=counter, binary=fake_runner))
+    wrapper.chmod(0o755)
+    work, features = tmp_path / "work", tmp_path / "features"
+    command = [os.environ.get("PYTHON", "python3"), "-m", "src.infer_310", "--mindir_path", str(fake_mindir),
+               "--images_path", str(small_images), "--work_path", str(work), "--output_dir", str(features),
+               "--runner_binary", str(wrapper), "--chunk_size", "2", *FAST_OVERRIDES]
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
+    killed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert stored_ids(features / DEFAULT_STORE) == CROPS[:2]  # the first chunk survives the kill
+    assert len(list((work / INPUTS_DIR).glob("*.bin"))) == 2  # the killed chunk's inputs
+
+    resumed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3 images extracted, 2 already done, 0 failed" in resumed.stdout
+    assert counter.read_text().strip() == "4"  # chunks crop2-3 and crop4
+    assert files_under(work) == []
+    run_chunked(plan_jobs(small_images), FAST, fake_mindir, make_runner(fake_mindir, fake_runner), tmp_path / "work2",
+                tmp_path / "straight", chunk_size=5, progress=False)
+    assert_same_stores(features / DEFAULT_STORE, tmp_path / "straight" / DEFAULT_STORE, CROPS)
 
 
 @pytest.mark.slow
