@@ -22,12 +22,11 @@ from model_utils.config import ExtractionConfig
 from src.ascend310.protocol import (
     OUTPUTS_DIR,
     clear_work_dir,
-    failure_reason,
     output_paths,
     parse_input_name,
     read_manifest,
 )
-from src.extraction.extractor import ExtractionReport, features_from_levels, write_failures
+from src.extraction.extractor import ExtractionReport, failure_reason, features_from_levels, write_failures
 from src.extraction.pca import PcaParameters, load_pca
 from src.extraction.pyramid import PyramidLevel
 from src.extraction.store import FeatureStore, LocalFeatures

@@ -32,11 +32,11 @@ from src.ascend310.protocol import (
     INPUTS_DIR,
     OUTPUTS_DIR,
     clear_work_dir,
-    failure_reason,
     input_name,
     write_manifest,
 )
 from src.extraction import dataset
+from src.extraction.extractor import failure_reason
 from src.extraction.images import crop_to_box, load_image
 from src.extraction.pyramid import pyramid_inputs
 

@@ -43,12 +43,6 @@ def output_paths(outputs_dir: Path, input_file: str) -> tuple[Path, Path]:
     return tuple(outputs_dir / (stem + suffix) for suffix in OUTPUT_SUFFIXES)
 
 
-def failure_reason(path: str | Path, error: BaseException | str) -> str:
-    """One line naming the image and the problem, as direct extraction reports it."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return reason if str(path) in reason else f"{path}: {reason}"
-
-
 def write_manifest(work_dir: Path, input_mode: str, images: list[dict]) -> None:
     atomic_write_text(work_dir / MANIFEST_NAME,
                       json.dumps({"format": MANIFEST_FORMAT, "input_mode": input_mode, "images": images}, indent=1))

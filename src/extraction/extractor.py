@@ -87,6 +87,12 @@ def extract(images: Iterable[np.ndarray], model, config: ExtractionConfig,
     return [extractor(image) for image in images]
 
 
+def failure_reason(path: str | Path, error: BaseException | str) -> str:
+    """One line naming the image and the problem."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return reason if str(path) in reason else f"{path}: {reason}"
+
+
 @dataclass
 class ExtractionReport:
     extracted: int = 0
@@ -119,9 +125,8 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
             features = extractor(image, name=str(path))
         except (InputError, MemoryError, RuntimeError, ValueError) as error:
             # One bad image (corrupt, too large, a network failure on its sizes) must not end a long run.
-            reason = " ".join(str(error).split()) or type(error).__name__
-            report.failed[image_id] = reason if str(path) in reason else f"{path}: {reason}"
-            LOGGER.error("%s failed: %s", image_id, reason)
+            report.failed[image_id] = failure_reason(path, error)
+            LOGGER.error("%s failed: %s", image_id, report.failed[image_id])
             continue
         try:
             store.put(image_id, features, image_size=image.shape[:2], settings_hash=settings_hash)
