@@ -15,8 +15,15 @@ TEMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; restore at once (single-threaded at call sites).
-    mask = os.umask(0o022)
+    """The process umask, read without changing it where Linux allows (other threads may create files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere it can only be read by setting it
     os.umask(mask)
     return mask
 
