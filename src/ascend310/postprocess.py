@@ -67,20 +67,20 @@ def outputs_ready(manifest: dict, outputs_dir: Path) -> bool:
     return all(path.exists() for level in manifest["levels"] for path in output_paths(outputs_dir, level))
 
 
-def read_level(level: dict, outputs_dir: Path) -> PyramidLevel:
+def read_level(level: dict, outputs_dir: Path, backbone: str = "keras") -> PyramidLevel:
     """The runner's maps of one level, cropped to what the level itself (not its canvas) yields."""
     from src.model.network import block3_output_size
 
     attention_path, features_path = output_paths(outputs_dir, level)
     _, _, input_h, input_w = level["shape"]
-    map_h, map_w = block3_output_size(input_h), block3_output_size(input_w)
+    map_h, map_w = block3_output_size(input_h, backbone), block3_output_size(input_w, backbone)
     attention = np.fromfile(attention_path, dtype=np.float32)
     features = np.fromfile(features_path, dtype=np.float32)
     if attention.size != map_h * map_w or features.size == 0 or features.size % (map_h * map_w):
         raise InputError(f"{attention_path.name} / {features_path.name}: {attention.size} and {features.size} "
                          f"values do not form {map_h}x{map_w} maps for a {input_h}x{input_w} input")
     # Canvas levels sit top-left (place_on_canvas keeps maps aligned there); the rest is padding.
-    valid_h, valid_w = (block3_output_size(side) for side in level["size"])
+    valid_h, valid_w = (block3_output_size(side, backbone) for side in level["size"])
     return PyramidLevel(
         float(level["scale"]),
         tuple(float(v) for v in level["scale_yx"]),
@@ -91,8 +91,11 @@ def read_level(level: dict, outputs_dir: Path) -> PyramidLevel:
 
 def postprocess(work_dir: str | Path, output_dir: str | Path, config: ExtractionConfig, model_id: str,
                 pca: PcaParameters | None = None, keep_outputs: bool = False,
-                wait_timeout: float = DEFAULT_WAIT_TIMEOUT, progress: bool = True) -> int:
-    """Store the features of every image of the run in `work_dir`; returns the number of images."""
+                wait_timeout: float = DEFAULT_WAIT_TIMEOUT, progress: bool = True, backbone: str = "keras") -> int:
+    """Store the features of every image of the run in `work_dir`; returns the number of images.
+
+    `backbone` is the exported network's layout (src.model.export.exported_backbone): it fixes the
+    size of the maps of every input size."""
     from tqdm import tqdm
 
     work_dir, output_dir = Path(work_dir), Path(output_dir)
@@ -108,7 +111,11 @@ def postprocess(work_dir: str | Path, output_dir: str | Path, config: Extraction
             ready = [(path, manifest) for path, manifest in ((p, read_manifest(p)) for p in manifest_paths)
                      if outputs_ready(manifest, outputs_dir)]
             for path, manifest in ready:
-                levels = [read_level(level, outputs_dir) for level in manifest["levels"]]
+                if backbone != "keras" and manifest["input_mode"] != "exact":
+                    raise InputError(f"manifest {path}: {manifest['input_mode']} inputs need a Keras-layout export; "
+                                     f"this {backbone} model takes exact inputs (src.preprocess without "
+                                     "--input_mode canvas)")
+                levels = [read_level(level, outputs_dir, backbone) for level in manifest["levels"]]
                 features = features_from_levels(levels, config, pca, manifest["image_id"])
                 if manifest["store"] not in stores:
                     stores[manifest["store"]] = stack.enter_context(FeatureStore(output_dir / manifest["store"]))
@@ -159,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     from model_utils.cli import setup_logging
 
     setup_logging(args.log_path or None)
+    from src.ascend310.runner import model_files
+    from src.model.export import exported_backbone
+
+    backbone = exported_backbone(model_files(args.mindir_path)[0])
     count = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
-                        keep_outputs=args.keep_outputs, wait_timeout=args.wait_timeout)
+                        keep_outputs=args.keep_outputs, wait_timeout=args.wait_timeout, backbone=backbone)
     print(f"{count} images -> {args.output_dir}")
 
 

@@ -263,3 +263,40 @@ def test_bundle_errors_name_the_file_and_the_problem(release, tmp_path):
 def test_slim_backbone_has_no_tuning_stage():
     with pytest.raises(ValueError, match="slim backbone .* no block4"):
         DelfModel("tuning", backbone="slim")
+
+
+# ---- export and the Ascend-310 path need no flag ----------------------------------------------
+
+def test_exported_slim_model_runs_the_310_path_like_direct_extraction(release, imported, tmp_path):
+    from src.ascend310.postprocess import postprocess
+    from src.ascend310.preprocess import INPUTS_DIR, OUTPUTS_DIR, plan_jobs, preprocess
+    from src.ascend310.runner import model_id, run_inference
+    from src.extraction.extractor import DelfExtractor
+    from src.extraction.pca import load_pca
+    from src.extraction.store import FeatureStore
+    from src.model.export import export_network, exported_backbone
+
+    config = get_config(["--config_path", str(imported.preset_path)])
+    extraction = dataclasses.replace(config.extraction, image_scales=NETWORK_SCALES, score_threshold=0.0,
+                                     max_feature_num=20)
+    model = build_extraction_model(config, str(imported.ckpt_path))
+    with pytest.raises(InputError, match="static input shapes are not supported for the slim backbone"):
+        export_network(model, tmp_path / "static", "MINDIR", [(256, 256)])
+    mindir = export_network(model, tmp_path / "DELF_MindIR", "MINDIR")[0]
+    assert exported_backbone(mindir) == "slim"
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.load(release / "image.npy")).save(images / "photo.png")
+    work = tmp_path / "work"
+    preprocess(plan_jobs(images), extraction, work, "exact", max_pending=0, progress=False)
+    run_inference(mindir, work / INPUTS_DIR, work / OUTPUTS_DIR, progress=False)
+    postprocess(work, tmp_path / "features", extraction, model_id(mindir), progress=False,
+                backbone=exported_backbone(mindir))
+    with FeatureStore(tmp_path / "features" / "features.h5") as store:
+        via_310 = store.get("photo")
+    direct = DelfExtractor(model, extraction, load_pca(extraction))(load_image(images / "photo.png"))
+    assert len(direct.locations) == 20
+    np.testing.assert_array_equal(via_310.locations, direct.locations)
+    np.testing.assert_allclose(via_310.attention, direct.attention, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(via_310.descriptors, direct.descriptors, rtol=1e-4, atol=1e-5)
