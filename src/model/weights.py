@@ -203,11 +203,6 @@ def resolve_bn_epsilon(configured: float, from_file: float | None) -> float:
     return configured or from_file or KERAS1_BN_EPSILON
 
 
-def checkpoint_metadata(model: DelfModel) -> dict[str, float | str]:
-    """What a checkpoint records beside the weights so that loading it builds the same network."""
-    return {"bn_epsilon": float(model.bn_epsilon), "backbone": model.backbone_name}
-
-
 def assign_weights(model: DelfModel, tensors: dict[str, np.ndarray], source: str,
                    required_prefixes: tuple[str, ...] = ("backbone.",)) -> list[str]:
     """Copy arrays into the model's parameters; returns the names left at initial values.
