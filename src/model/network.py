@@ -286,7 +286,11 @@ def l2_normalize_channels(features: Tensor) -> Tensor:
 
 
 class DelfModel(nn.Cell):
-    """DELF with the state-dependent forward described in the module docstring."""
+    """DELF with the state-dependent forward described in the module docstring.
+
+    `backbone` picks the ResNet50 layout ("keras" or "slim"); `backbone_name` and `bn_epsilon` are
+    kept so that checkpoints and exports can record what network their weights belong to.
+    """
 
     BLOCK3_CHANNELS = 1024
 
