@@ -72,9 +72,13 @@ class ExtractionConfig:
     # downscaled with a warning instead of exhausting memory at scale 2.0.
     max_pixels_per_scale: int = 16_000_000
     feature_depth: int = 1024
+    # How pyramid levels are resized: Pillow bilinear of the uint8 image (this suite's), or TF1's
+    # legacy resize_bilinear of the normalised image (the released TF DELF models' own graph).
+    resize: str = field(default="pillow", **_option("pyramid resize: pillow or tf_legacy", ("pillow", "tf_legacy")))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
+        _check_choices(self)
         problems = []
         if not self.image_scales or not all(math.isfinite(s) and s > 0 for s in self.image_scales):
             problems.append("image_scales must be a non-empty list of positive, finite numbers")
@@ -92,6 +96,8 @@ class ExtractionConfig:
     def settings_hash(self, checkpoint_id: str = "") -> str:
         """Stable hash of everything that changes the extracted features."""
         payload = dataclasses.asdict(self)
+        if payload["resize"] == "pillow":  # the setting predates stores: the default keeps their hashes valid
+            del payload["resize"]
         payload["checkpoint"] = checkpoint_id
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -158,6 +164,8 @@ class DelfConfig:
                                      ("auto", "native", "matmul")))
     num_classes: int = field(**_option("classifier size when the training data does not give it"))
     bn_epsilon: float = field(**_option("BatchNorm epsilon; 0 = follow the weights file"))
+    backbone: str = field(**_option("ResNet50 layout for weights that do not record one (checkpoints do): keras "
+                                    "(this suite's) or slim (imported TF DELF models)", ("keras", "slim")))
     use_autoencoder: bool = field(**_option("DELG-style autoencoder before the attention head"))
     autoencoder_dim: int = field(**_option("autoencoder bottleneck channels"))
     train_state: str = field(**_option("training stage", ("tuning", "attn")))

@@ -2,14 +2,79 @@
 # Downloads what training and evaluation start from:
 #   - the Keras ResNet50 ImageNet weights (notop h5) the reference trains from, checked by md5;
 #   - the official DELF PCA (40-D, no whitening), converted from .datum to pca/*.npy.
-# Usage: bash scripts/download_pretrained.sh [DOWNLOAD_DIR]   (default ./pretrained)
+# Or, with a model name, one released TF DELF model, imported for MindSpore (src/convert_tf_delf.py):
+#   delf_v1  (ICCV'17 DELF, delf_v1_20171026)    -> DOWNLOAD_DIR/delf_v1.ckpt, delf_v1_pca/, delf_v1.yaml
+#   delf_gld (Detect-to-Retrieve DELF, GLDv1, delf_gld_20190411) -> DOWNLOAD_DIR/delf_gld.{ckpt,yaml}, ...
+# Usage: bash scripts/download_pretrained.sh [DOWNLOAD_DIR]             (default ./pretrained)
+#        bash scripts/download_pretrained.sh delf_v1|delf_gld [DOWNLOAD_DIR]
 # Downloads resume, retry, and are skipped when already complete.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/scripts/download_common.sh"
 PYTHON=${PYTHON:-python3}
+MODEL=""
+if [[ "${1:-}" == delf_v1 || "${1:-}" == delf_gld ]]; then
+    MODEL=$1
+    shift
+fi
 DOWNLOAD_DIR=${1:-$ROOT/pretrained}
-mkdir -p "$DOWNLOAD_DIR" "$ROOT/pca"
+DOWNLOAD_DIR=$(mkdir -p "$DOWNLOAD_DIR" && cd "$DOWNLOAD_DIR" && pwd)  # absolute: the preset names files by path
+
+# size_matches URL FILE: the server's Content-Length (when it sends one) equals the file's size.
+size_matches() {
+    local url=$1 file=$2 expected actual
+    expected=$(curl --silent --head --location --max-time 30 "$url" | tr -d '\r' \
+        | awk 'tolower($1) == "content-length:" {size = $2} END {print size}')
+    actual=$(stat -c %s "$file")
+    if [[ -n "$expected" && "$expected" != "$actual" ]]; then
+        echo "error: $file has $actual bytes, the server announces $expected; removed, rerun to download again" >&2
+        rm -f "$file" "$file.done" "$file.valid"
+        return 1
+    fi
+}
+
+# get_tf_model NAME: download, check, unpack and import one released TF DELF model.
+get_tf_model() {
+    local name=$1 release
+    case "$name" in
+        delf_v1) release=delf_v1_20171026 ;;
+        delf_gld) release=delf_gld_20190411 ;;
+    esac
+    local url="${DELF_RELEASE_BASE_URL:-https://storage.googleapis.com/delf}/$release.tar.gz"  # override: tests
+    local archive="$DOWNLOAD_DIR/$release.tar.gz"
+    if [[ -f "$DOWNLOAD_DIR/$name.ckpt" && -f "$DOWNLOAD_DIR/$name.yaml" ]]; then
+        echo "[skip] $DOWNLOAD_DIR/$name.ckpt and $name.yaml already present"
+        return 0
+    fi
+    if [[ ! -f "$archive.valid" ]]; then
+        fetch "$url" "$archive" || return 1
+        size_matches "$url" "$archive" || return 1
+    fi
+    fetch_tgz "$url" "$archive" || return 1
+    if [[ ! -f "$archive.extracted" ]]; then
+        rm -rf "${DOWNLOAD_DIR:?}/$release.unpacked"
+        mkdir -p "$DOWNLOAD_DIR/$release.unpacked"
+        tar -xzf "$archive" -C "$DOWNLOAD_DIR/$release.unpacked" && touch "$archive.extracted" || return 1
+    fi
+    local graph
+    graph=$(find "$DOWNLOAD_DIR/$release.unpacked" -name saved_model.pb | head -n 1)
+    if [[ -z "$graph" ]]; then
+        echo "error: $archive holds no saved_model.pb (not a DELF release?)" >&2
+        return 1
+    fi
+    (cd "$ROOT" && "$PYTHON" src/convert_tf_delf.py --model_dir "$(dirname "$graph")" \
+        --ckpt_path "$DOWNLOAD_DIR/$name.ckpt" --preset "$name") || return 1
+    echo "use it: python eval.py ... --ckpt_path $DOWNLOAD_DIR/$name.ckpt --config_path $DOWNLOAD_DIR/$name.yaml"
+}
+
+if [[ -n "$MODEL" ]]; then
+    get_tf_model "$MODEL" || {
+        echo "error: $MODEL not imported (rerun to resume the download)" >&2
+        exit 1
+    }
+    exit 0
+fi
+mkdir -p "$ROOT/pca"
 
 H5_NAME=resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5
 H5_MD5=a268eb855778b3df3c7506639542a6af

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the project's Python requirements into the current interpreter (skipped when present).
-# Usage: bash scripts/install.sh [--test]   (--test adds the test-only tools)
+# Usage: bash scripts/install.sh [--test]   (--test adds the test-only tools, and TensorFlow in a venv
+# of its own for the TF-DELF import tests: scripts/setup_tf_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,4 +10,7 @@ files=(-r requirements.txt)
 if ! "$PYTHON" -m pip install --disable-pip-version-check -q "${files[@]}"; then
     echo "error: installing the requirements failed (see pip's message above)" >&2
     exit 1
+fi
+if [[ "${1:-}" == "--test" ]]; then
+    bash scripts/setup_tf_env.sh
 fi

@@ -19,7 +19,7 @@ from model_utils.cli import cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from src.ascend310.driver import print_summary  # noqa: E402
 from src.ascend310.postprocess import postprocess  # noqa: E402
-from src.ascend310.runner import model_id  # noqa: E402
+from src.ascend310.runner import model_backbone, model_id  # noqa: E402
 
 
 @cli_main
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     config, args = get_config_and_args(argv, parser)
     setup_logging(args.log_path or None)
     reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
-                          keep_outputs=args.keep_outputs)
+                          keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))
     return 0 if not print_summary(reports, args.output_dir) or config.skip_bad_images else 1
 
 

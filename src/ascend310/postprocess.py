@@ -40,18 +40,18 @@ def settings_hash(config: ExtractionConfig, model_id: str, input_mode: str) -> s
     return config.settings_hash(f"{model_id};input={input_mode}")
 
 
-def read_level(level: dict, outputs_dir: Path) -> PyramidLevel:
+def read_level(level: dict, outputs_dir: Path, backbone: str = "keras") -> PyramidLevel:
     """The runner's maps of one level, cropped to what the level itself (not its canvas) yields."""
     attention_path, features_path = output_paths(outputs_dir, level["input_file"])
     _, input_h, input_w = parse_input_name(level["input_file"])
-    map_h, map_w = block3_output_size(input_h), block3_output_size(input_w)
+    map_h, map_w = block3_output_size(input_h, backbone), block3_output_size(input_w, backbone)
     attention = np.fromfile(attention_path, dtype=np.float32)
     features = np.fromfile(features_path, dtype=np.float32)
     if attention.size != map_h * map_w or features.size == 0 or features.size % (map_h * map_w):
         raise InputError(f"{attention_path.name} / {features_path.name}: {attention.size} and {features.size} "
                          f"values do not form {map_h}x{map_w} maps for a {input_h}x{input_w} input")
     # Canvas levels sit top-left (place_on_canvas keeps maps aligned there); the rest is padding.
-    valid_h, valid_w = (block3_output_size(side) for side in level["size"])
+    valid_h, valid_w = (block3_output_size(side, backbone) for side in level["size"])
     return PyramidLevel(
         float(level["scale"]),
         tuple(float(v) for v in level["scale_yx"]),
@@ -61,7 +61,7 @@ def read_level(level: dict, outputs_dir: Path) -> PyramidLevel:
 
 
 def image_features(image: dict, outputs_dir: Path, config: ExtractionConfig, pca: PcaParameters | None,
-                   runner_failures: Mapping[str, str]) -> LocalFeatures:
+                   runner_failures: Mapping[str, str], backbone: str = "keras") -> LocalFeatures:
     """Features of one manifest entry; InputError when preprocess or the runner failed on it."""
     if "error" in image:
         raise InputError(image["error"])
@@ -69,20 +69,27 @@ def image_features(image: dict, outputs_dir: Path, config: ExtractionConfig, pca
         if not all(path.exists() for path in output_paths(outputs_dir, level["input_file"])):
             raise InputError(runner_failures.get(level["input_file"])
                              or f"{level['input_file']}: the runner wrote no outputs (see its log)")
-    levels = [read_level(level, outputs_dir) for level in image["levels"]]
+    levels = [read_level(level, outputs_dir, backbone) for level in image["levels"]]
     return features_from_levels(levels, config, pca, image["path"])
 
 
 def store_outputs(manifest: dict, outputs_dir: Path, stores: Mapping[str, FeatureStore], config: ExtractionConfig,
                   pca: PcaParameters | None, model_id: str,
-                  runner_failures: Mapping[str, str] | None = None) -> dict[str, ExtractionReport]:
-    """Store the features of every image of `manifest`; returns a report per store name."""
+                  runner_failures: Mapping[str, str] | None = None, backbone: str = "keras"
+                  ) -> dict[str, ExtractionReport]:
+    """Store the features of every image of `manifest`; returns a report per store name.
+
+    `backbone` is the exported network's layout (src.model.export.exported_backbone): it fixes the
+    size of the maps of every input size."""
+    if backbone != "keras" and manifest["input_mode"] != "exact":
+        raise InputError(f"{manifest['input_mode']} inputs need a Keras-layout export; this {backbone} model "
+                         "takes exact inputs (src.preprocess without --input_mode canvas)")
     run_hash = settings_hash(config, model_id, manifest["input_mode"])
     reports = {name: ExtractionReport() for name in stores}
     for image in manifest["images"]:
         report = reports[image["store"]]
         try:
-            features = image_features(image, outputs_dir, config, pca, runner_failures or {})
+            features = image_features(image, outputs_dir, config, pca, runner_failures or {}, backbone)
         except (InputError, MemoryError, ValueError) as error:
             report.failed[image["image_id"]] = failure_reason(image["path"], error)
             LOGGER.error("%s failed: %s", image["image_id"], report.failed[image["image_id"]])
@@ -95,7 +102,8 @@ def store_outputs(manifest: dict, outputs_dir: Path, stores: Mapping[str, Featur
 
 
 def postprocess(work_dir: str | Path, output_dir: str | Path, config: ExtractionConfig, model_id: str,
-                pca: PcaParameters | None = None, keep_outputs: bool = False) -> dict[str, ExtractionReport]:
+                pca: PcaParameters | None = None, keep_outputs: bool = False, backbone: str = "keras"
+                ) -> dict[str, ExtractionReport]:
     """Store the run in `work_dir` into `<output_dir>/<store>` and list its failures beside each store."""
     manifest = read_manifest(work_dir)
     if config.use_pca and pca is None:
@@ -105,7 +113,8 @@ def postprocess(work_dir: str | Path, output_dir: str | Path, config: Extraction
     with contextlib.ExitStack() as stack:
         stores = {name: stack.enter_context(FeatureStore(output_dir / name))
                   for name in sorted({image["store"] for image in manifest["images"]})}
-        reports = store_outputs(manifest, Path(work_dir) / OUTPUTS_DIR, stores, config, pca, model_id)
+        reports = store_outputs(manifest, Path(work_dir) / OUTPUTS_DIR, stores, config, pca, model_id,
+                                backbone=backbone)
     for name, report in reports.items():
         write_failures(output_dir / name, report.failed)
     if not keep_outputs:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.files import atomic_write_bytes
 from src.ascend310.protocol import output_paths, parse_input_name
-from src.model.export import load_mindir
+from src.model.export import exported_backbone, load_mindir
 from src.model.weights import checkpoint_id
 
 LOGGER = logging.getLogger("delf.infer_mindir")
@@ -48,6 +48,11 @@ def model_files(mindir_path: str | Path) -> list[Path]:
         raise InputError(f"MindIR file not found: {dynamic} (nor static models {prefix.name}_<H>x<W>.mindir "
                          f"in {prefix.parent}); write it with export.py")
     return files
+
+
+def model_backbone(mindir_path: str | Path) -> str:
+    """The backbone layout the export was made with (it fixes the map size of every input size)."""
+    return exported_backbone(model_files(mindir_path)[0])
 
 
 def model_id(mindir_path: str | Path) -> str:

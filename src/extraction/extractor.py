@@ -29,6 +29,7 @@ from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
 from src.extraction.pyramid import PyramidLevel, pyramid_inputs
 from src.extraction.store import FeatureStore, LocalFeatures
+from src.model.network import min_input_side
 
 LOGGER = logging.getLogger("delf.extract")
 FAILURES_SUFFIX = ".failures.txt"
@@ -47,11 +48,12 @@ class DelfExtractor:
         self.model.set_train(False)
         self.config = config
         self.pca = pca
+        self.min_side = min_input_side(getattr(model, "backbone_name", "keras"))
 
     def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:
         """Attention and block3 maps of every usable scale; locations refer to `image`'s pixels."""
         levels = []
-        for level in pyramid_inputs(image, self.config, name):
+        for level in pyramid_inputs(image, self.config, name, self.min_side):
             attention, features = self.model(Tensor(level.image))
             levels.append(PyramidLevel(level.scale, level.scale_yx, attention.asnumpy()[0, 0],
                                        features.asnumpy()[0]))

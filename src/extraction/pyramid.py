@@ -1,8 +1,13 @@
 """The image pyramid, in plain NumPy: which sizes each image is run at, and the network input of each level.
 
 Shared by direct extraction and the Ascend-310 preprocess, so both feed the network the same
-pixels. Levels are resized from the uint8 image with Pillow's bilinear filter at
-round(H * factor * scale) x round(W * factor * scale), then normalised as (x - 128) / 128, NCHW.
+pixels. Levels are round(H * factor * scale) x round(W * factor * scale), NCHW, normalised as
+(x - 128) / 128; `extraction.resize` chooses how they are resized:
+- pillow: Pillow's bilinear filter on the uint8 image, then normalised (this suite's models);
+- tf_legacy: the image is normalised first, then resized as TF1's tf.image.resize_bilinear
+  (align_corners=False, half_pixel_centers=False) does, in float32: what the released TF DELF
+  models' own extraction graph feeds the network. (With max/min_image_size set, TF's extractor
+  first resizes the uint8 image with Pillow; here every level comes from the original in one step.)
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from src.extraction.images import resize_image
 LOGGER = logging.getLogger("delf.extract")
 
 MIN_IMAGE_SIDE = 10  # smaller images give no features (as the TF reference)
-# conv1 (7x7/2, 'same') gives ceil(n / 2) rows and the 3x3/2 'valid' max-pool after it needs 3 of
-# them, so the network needs a level side of at least 5 px; smaller levels are skipped.
+# Keras backbone: conv1 (7x7/2, 'same') gives ceil(n / 2) rows and the 3x3/2 'valid' max-pool after
+# it needs 3 of them, so the network needs a level side of at least 5 px; smaller levels are
+# skipped. (The slim backbone pads everything and runs on any size: network.min_input_side.)
 MIN_LEVEL_SIDE = 5
 
 
@@ -42,6 +48,38 @@ def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((images - 128.0) / 128.0).transpose(0, 3, 1, 2))
 
 
+def normalize_image_hwc(image_uint8: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB -> float32 HWC in [-1, 1], computed in float32 as TF's graph does."""
+    return (np.asarray(image_uint8, dtype=np.float32) - np.float32(128.0)) / np.float32(128.0)
+
+
+def _legacy_sampling(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (lower, upper) and weights of TF's legacy bilinear sampling along one axis.
+
+    Output pixel i samples input coordinate i * (in / out) (no half-pixel offset), all in float32
+    as TF computes it; upper is clamped to the last row.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.arange(out_size, dtype=np.float32) * scale
+    lower = np.floor(source)
+    lerp = (source - lower).astype(np.float32)
+    upper = np.minimum(np.ceil(source).astype(np.int64), in_size - 1)
+    return np.maximum(lower.astype(np.int64), 0), upper, lerp
+
+
+def tf_legacy_resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """TF1 tf.image.resize_bilinear(align_corners=False, half_pixel_centers=False) of a float HWC
+    image, in NumPy float32 with TF's order of operations (top, bottom, then between them)."""
+    image = np.asarray(image, dtype=np.float32)
+    y0, y1, y_lerp = _legacy_sampling(image.shape[0], height)
+    x0, x1, x_lerp = _legacy_sampling(image.shape[1], width)
+    top_rows, bottom_rows = image[y0], image[y1]
+    x_lerp = x_lerp[None, :, None]
+    top = top_rows[:, x0] + (top_rows[:, x1] - top_rows[:, x0]) * x_lerp
+    bottom = bottom_rows[:, x0] + (bottom_rows[:, x1] - bottom_rows[:, x0]) * x_lerp
+    return top + (bottom - top) * y_lerp[:, None, None]
+
+
 def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str = "") -> float:
     """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound."""
     factor = 1.0
@@ -60,8 +98,10 @@ def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str 
     return factor
 
 
-def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "") -> list[tuple[float, int, int]]:
-    """(scale, level height, level width) of every level the network can run on, in config order."""
+def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "",
+                min_side: int = MIN_LEVEL_SIDE) -> list[tuple[float, int, int]]:
+    """(scale, level height, level width) of every level the network can run on (sides of at least
+    `min_side`, network.min_input_side of the backbone), in config order."""
     if min(height, width) < MIN_IMAGE_SIDE:
         LOGGER.warning("%s: %dx%d is under %d px; no features", name or "image", width, height, MIN_IMAGE_SIDE)
         return []
@@ -69,22 +109,32 @@ def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "
     sizes, skipped = [], []
     for scale in config.image_scales:
         level_h, level_w = round(height * factor * scale), round(width * factor * scale)
-        if min(level_h, level_w) < MIN_LEVEL_SIDE:
+        if min(level_h, level_w) < max(min_side, 1):
             skipped.append(scale)
         else:
             sizes.append((scale, level_h, level_w))
     if skipped:
         LOGGER.warning("%s: %dx%d: pyramid scale(s) %s skipped (a level needs at least %d px a side)%s",
-                       name or "image", width, height, ", ".join(f"{s:g}" for s in skipped), MIN_LEVEL_SIDE,
+                       name or "image", width, height, ", ".join(f"{s:g}" for s in skipped), max(min_side, 1),
                        "" if sizes else "; no features")
     return sizes
 
 
-def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "") -> list[LevelInput]:
+def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
+                   min_side: int = MIN_LEVEL_SIDE) -> list[LevelInput]:
     """The network input of every usable pyramid level of a uint8 RGB image."""
     height, width = image.shape[:2]
+    sizes = level_sizes(height, width, config, name, min_side)
+    if config.resize == "tf_legacy":
+        normalized = normalize_image_hwc(image) if sizes else None
+        return [
+            LevelInput(scale, (level_h / height, level_w / width),
+                       np.ascontiguousarray(tf_legacy_resize_bilinear(normalized, level_h, level_w)
+                                            .transpose(2, 0, 1)[None]))
+            for scale, level_h, level_w in sizes
+        ]
     return [
         LevelInput(scale, (level_h / height, level_w / width),
                    normalize_images(resize_image(image, level_h, level_w)[None]))
-        for scale, level_h, level_w in level_sizes(height, width, config, name)
+        for scale, level_h, level_w in sizes
     ]

@@ -4,7 +4,8 @@ and running an exported file to check it against the framework.
 Input shapes: one dynamic-H/W MindIR (each pyramid level at its own size, exactly the features of
 direct extraction), or one static model per distinct (H, W) for devices that need fixed shapes
 (Ascend 310) and for ONNX, whose MindSpore exporter has no dynamic shapes. The network always uses
-MindSpore's native convolutions.
+MindSpore's native convolutions. A MindIR records the backbone layout (user_info "backbone"), which
+tells the 310 postprocess the size of the maps (`exported_backbone`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,37 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
         targets = [(base.with_name(f"{base.name}_{height}x{width}{suffix}"),
                     Tensor(np.zeros((1, 3, height, width), np.float32)))
                    for height, width in dict.fromkeys(input_sizes)]
+    backbone = getattr(model, "backbone_name", "keras")
+    if input_sizes is not None and backbone != "keras":
+        # Canvas inputs rely on the Keras stem's padding (src/ascend310/preprocess.place_on_canvas); the
+        # slim stem's 'SAME' max-pool would see the canvas padding along the top/left of odd-sized levels.
+        raise InputError(f"static input shapes are not supported for the {backbone} backbone (imported TF DELF "
+                         "models): export the dynamic MindIR (--input_shape dynamic)")
     model.set_train(False)
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def record_backbone(mindir_model) -> None:
+        mindir_model.user_info["backbone"] = backbone
+
     for target, example in targets:
+        extra = {"custom_func": record_backbone} if file_format == "MINDIR" else {}
         with atomic_output(target, suffix=suffix) as temporary:
-            mindspore.export(model, example, file_name=str(temporary), file_format=file_format)
+            mindspore.export(model, example, file_name=str(temporary), file_format=file_format, **extra)
         written.append(target)
     return written
+
+
+def exported_backbone(path: str | Path) -> str:
+    """The backbone layout a MindIR was exported with ('keras' for files that predate the record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"MindIR file not found: {path}")
+    try:
+        user_info = mindspore.load_mindir(str(path)).user_info
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"{path} is not a readable MindIR file: {str(error).splitlines()[0]}") from None
+    return str(user_info.get("backbone", "keras"))
 
 
 def load_mindir(path: str | Path):

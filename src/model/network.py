@@ -1,8 +1,12 @@
-"""The DELF network: a Keras-layout ResNet50 backbone, the attention head and the classifiers.
+"""The DELF network: a ResNet50 backbone (two layouts), the attention head and the classifiers.
 
-Images are NCHW float32 RGB normalised as (x - 128) / 128. `block3` (the local-feature map) is
-the output of stage 4 subsampled by a 1x1 stride-2 max-pool, as the TF2 reference's
-`block3_strides`: 1024 channels at stride 32, receptive field 291, padding 145.
+Images are NCHW float32 RGB normalised as (x - 128) / 128. `block3` (the local-feature map) has
+1024 channels at stride 32, receptive field 291, padding 145, in both backbone layouts:
+- "keras": Keras ResNet50 (what this suite trains): the output of stage 4 subsampled by a 1x1
+  stride-2 max-pool, as the TF2 reference's `block3_strides`.
+- "slim": tf-slim resnet_v1_50 as TF1 delf_v1.py builds it (the released TF DELF models,
+  src/model/tf_delf.py): stride 2 in the last unit of each block, explicitly padded strided convs,
+  a 'SAME' max-pool, no conv biases before BatchNorm. It ends at block3 (no "tuning" state).
 
 States:
 - "tuning": images -> descriptor-classifier logits (global average of the whole block4 map);
@@ -38,6 +42,15 @@ STAGES = (
 )
 BLOCK_LETTERS = "abcdef"
 KERAS1_BN_EPSILON = 1e-3
+BACKBONES = ("keras", "slim")
+SLIM_BN_EPSILON = 1e-5  # tf-slim resnet_arg_scope's batch_norm_epsilon
+# tf-slim resnet_v1_50 to block3 as delf_v1.py builds it: (name, units, bottleneck width, output width);
+# the last unit of every block has stride 2.
+SLIM_BLOCKS = (
+    ("block1", 3, 64, 256),
+    ("block2", 4, 128, 512),
+    ("block3", 6, 256, 1024),
+)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -54,31 +67,42 @@ def subsample(x: Tensor, stride: int) -> Tensor:
 
 
 class Conv2d(nn.Cell):
-    """A Keras-style conv ('same' or 'valid', with bias) with a switchable kernel implementation.
+    """A conv with a switchable kernel implementation: Keras-style ('same' or 'valid', with bias) or
+    tf-slim-style (an int: that many zero rows/columns on every side, then 'valid'; no bias).
 
-    Both implementations hold the same `weight` (O, I, kh, kw) and `bias` (O,) parameters, so
-    checkpoints move freely between them.
+    Both implementations hold the same `weight` (O, I, kh, kw) and `bias` (O,) parameters (no bias
+    with has_bias=False), so checkpoints move freely between them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: str = "valid", impl: str = "native", weight_init=None) -> None:
+                 padding: str | int = "valid", impl: str = "native", weight_init=None, has_bias: bool = True) -> None:
         super().__init__()
         if impl not in CONV_IMPLS:
             raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
+        # ops.conv2d's (pad_mode, padding): an explicit symmetric padding is pad_mode 'pad'.
+        self.pad_mode = "pad" if isinstance(padding, int) else padding
+        self.explicit_padding = padding if isinstance(padding, int) else 0
         self.impl = impl
         self.out_channels = out_channels
+        self.has_bias = has_bias
         shape = (out_channels, in_channels, kernel_size, kernel_size)
         self.weight = Parameter(initializer(weight_init or XavierUniform(), shape, mindspore.float32),
                                 name="weight")
-        self.bias = Parameter(initializer("zeros", (out_channels,), mindspore.float32), name="bias")
+        if has_bias:
+            self.bias = Parameter(initializer("zeros", (out_channels,), mindspore.float32), name="bias")
 
     def construct(self, x: Tensor) -> Tensor:
+        y = self._convolve(x)
+        if self.has_bias:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+    def _convolve(self, x: Tensor) -> Tensor:
         if self.impl == "native":
-            y = ops.conv2d(x, self.weight, None, self.stride, self.padding)
-            return y + self.bias.reshape(1, -1, 1, 1)
+            return ops.conv2d(x, self.weight, None, self.stride, self.pad_mode, self.explicit_padding)
         return self._im2col_matmul(x)
 
     def _im2col_matmul(self, x: Tensor) -> Tensor:
@@ -88,6 +112,9 @@ class Conv2d(nn.Cell):
             top, bottom = same_padding(height, k, s)
             left, right = same_padding(width, k, s)
             x = ops.pad(x, (left, right, top, bottom))
+        elif self.explicit_padding:
+            p = self.explicit_padding
+            x = ops.pad(x, (p, p, p, p))
         n, c, height, width = x.shape
         out_h = (height - k) // s + 1
         out_w = (width - k) // s + 1
@@ -98,7 +125,7 @@ class Conv2d(nn.Cell):
             # Rows ordered (c, i, j), matching weight.reshape(O, I * kh * kw).
             columns = ops.unfold(x, kernel_size=k, dilation=1, padding=0, stride=s)
         y = ops.matmul(self.weight.reshape(self.out_channels, -1), columns)
-        return y.reshape(n, self.out_channels, out_h, out_w) + self.bias.reshape(1, -1, 1, 1)
+        return y.reshape(n, self.out_channels, out_h, out_w)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -159,12 +186,78 @@ class ResNet50Backbone(nn.Cell):
         return subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
 
 
-class AttentionHead(nn.Cell):
-    """1x1 conv 1024->512, BN, ReLU, 1x1 conv 512->1, softplus: non-negative attention scores."""
+class SlimConv(Conv2d):
+    """tf-slim conv2d under resnet_arg_scope: conv without bias, BatchNorm (`bn`), optional ReLU."""
 
-    def __init__(self, in_channels: int, bn_epsilon: float, impl: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: str | int,
+                 relu: bool, bn_epsilon: float, impl: str) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, impl, HeNormal(), has_bias=False)
+        self.bn = BatchNorm2d(out_channels, bn_epsilon)
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self._convolve(x)))
+
+
+class SlimBottleneck(nn.Cell):
+    """tf-slim bottleneck_v1: the stride sits in the 3x3 conv2 (conv2d_same: pad 1 every side, then
+    'valid'); the shortcut is a 1x1 conv + BN when the depth changes, else a stride-s subsample."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, stride: int,
+                 bn_epsilon: float, impl: str) -> None:
         super().__init__()
-        self.conv1 = Conv2d(in_channels, 512, 1, impl=impl, weight_init=HeNormal())
+        self.stride = stride
+        self.has_projection = in_channels != out_channels
+        if self.has_projection:
+            self.shortcut = SlimConv(in_channels, out_channels, 1, stride, "valid", False, bn_epsilon, impl)
+        self.conv1 = SlimConv(in_channels, width, 1, 1, "valid", True, bn_epsilon, impl)
+        self.conv2 = SlimConv(width, width, 3, stride, 1, True, bn_epsilon, impl)
+        self.conv3 = SlimConv(width, out_channels, 1, 1, "valid", False, bn_epsilon, impl)
+        self.relu = nn.ReLU()
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.has_projection:
+            shortcut = self.shortcut(x)
+        elif self.stride > 1:
+            shortcut = subsample(x, self.stride)  # slim's 1x1 max-pool with stride s
+        else:
+            shortcut = x
+        return self.relu(shortcut + self.conv3(self.conv2(self.conv1(x))))
+
+
+class SlimResNet50Backbone(nn.Cell):
+    """tf-slim resnet_v1_50 up to block3 (stride 32). Parameter names mirror the TF scopes
+    (`conv1.bn.gamma` is resnet_v1_50/conv1/BatchNorm/gamma; see src/model/tf_delf.py)."""
+
+    def __init__(self, bn_epsilon: float, impl: str) -> None:
+        super().__init__()
+        self.conv1 = SlimConv(3, 64, 7, 2, 3, True, bn_epsilon, impl)  # conv2d_same 7x7/2: pad 3 every side
+        # 'SAME' max-pool: TF ignores the padding; MindSpore's 'same' mode pads the same rows and
+        # columns (the extra one after), and on ReLU outputs (>= 0) any padding value <= 0 is neutral.
+        self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+        in_channels = 64
+        for name, num_units, width, out_channels in SLIM_BLOCKS:
+            units = OrderedDict()
+            for index in range(num_units):
+                stride = 2 if index == num_units - 1 else 1
+                units[f"unit_{index + 1}"] = SlimBottleneck(in_channels, width, out_channels, stride, bn_epsilon, impl)
+                in_channels = out_channels
+            setattr(self, name, nn.SequentialCell(units))
+
+    def construct(self, x: Tensor) -> Tensor:
+        """block3, the local-feature map."""
+        x = self.pool1(self.conv1(x))
+        return self.block3(self.block2(self.block1(x)))
+
+
+class AttentionHead(nn.Cell):
+    """1x1 conv 1024->512, BN, ReLU, 1x1 conv 512->1, softplus: non-negative attention scores.
+
+    conv1 has a bias in the Keras layout; tf-slim leaves it out (BatchNorm follows)."""
+
+    def __init__(self, in_channels: int, bn_epsilon: float, impl: str, conv1_bias: bool = True) -> None:
+        super().__init__()
+        self.conv1 = Conv2d(in_channels, 512, 1, impl=impl, weight_init=HeNormal(), has_bias=conv1_bias)
         self.bn_conv1 = BatchNorm2d(512, bn_epsilon)
         self.relu = nn.ReLU()
         self.conv2 = Conv2d(512, 1, 1, impl=impl, weight_init=HeNormal())
@@ -194,22 +287,37 @@ def l2_normalize_channels(features: Tensor) -> Tensor:
 
 
 class DelfModel(nn.Cell):
-    """DELF with the state-dependent forward described in the module docstring."""
+    """DELF with the state-dependent forward described in the module docstring.
+
+    `backbone` picks the ResNet50 layout ("keras" or "slim"); `backbone_name` and `bn_epsilon` are
+    kept so that checkpoints and exports can record what network their weights belong to.
+    """
 
     BLOCK3_CHANNELS = 1024
 
     def __init__(self, state: str = "test", num_classes: int = 1000, bn_epsilon: float = KERAS1_BN_EPSILON,
-                 conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128) -> None:
+                 conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
+                 backbone: str = "keras") -> None:
         super().__init__()
         if state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if backbone == "slim" and state == "tuning":
+            raise ValueError("the slim backbone (imported TF DELF models) ends at block3: it has no block4 to "
+                             "tune; the tuning stage needs backbone keras")
         self.state = state
+        self.backbone_name = backbone
+        self.bn_epsilon = bn_epsilon
         self.use_autoencoder = use_autoencoder
-        self.backbone = ResNet50Backbone(bn_epsilon, conv_impl)
+        if backbone == "slim":
+            self.backbone = SlimResNet50Backbone(bn_epsilon, conv_impl)
+        else:
+            self.backbone = ResNet50Backbone(bn_epsilon, conv_impl)
         attention_channels = self.BLOCK3_CHANNELS
         if use_autoencoder:
             self.autoencoder = Autoencoder(self.BLOCK3_CHANNELS, autoencoder_dim, conv_impl)
-        self.attention = AttentionHead(attention_channels, bn_epsilon, conv_impl)
+        self.attention = AttentionHead(attention_channels, bn_epsilon, conv_impl, conv1_bias=backbone == "keras")
         if state != "test":
             self.desc_fc = nn.Dense(2048, num_classes, weight_init=XavierUniform())
             self.attn_fc = nn.Dense(self.BLOCK3_CHANNELS, num_classes, weight_init=XavierUniform())
@@ -267,10 +375,23 @@ def resolve_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
-def block3_output_size(size: int) -> int:
-    """Side of the block3 map for an input side: conv1 'same' /2, max-pool 3/2 valid, /2, /2, /2."""
+def block3_output_size(size: int, backbone: str = "keras") -> int:
+    """Side of the block3 map for an input side.
+
+    keras: conv1 'same' /2, max-pool 3/2 'valid', then /2 three times.
+    slim: every one of the five stride-2 steps (conv1, the 'SAME' max-pool, the last unit of each
+    block) gives ceil(n / 2) rows, so ceil(n / 32) in all.
+    """
+    if backbone == "slim":
+        return math.ceil(size / 32)
     size = math.ceil(size / 2)
     size = (size - 3) // 2 + 1
     for _ in range(3):
         size = math.ceil(size / 2)
     return size
+
+
+def min_input_side(backbone: str = "keras") -> int:
+    """Smallest input side the backbone can run on: the Keras 'valid' 3x3 max-pool needs 3 rows
+    after conv1 (an input side of 5); the slim layout pads everything, so 1 pixel will do."""
+    return 1 if backbone == "slim" else 5

@@ -29,7 +29,7 @@ from mindspore import Tensor
 from model_utils.cli import InputError
 from model_utils.config import DelfConfig
 from model_utils.files import atomic_output
-from src.model.network import KERAS1_BN_EPSILON, DelfModel, ResNet50Backbone, resolve_conv_impl
+from src.model.network import BACKBONES, KERAS1_BN_EPSILON, DelfModel, ResNet50Backbone, resolve_conv_impl
 
 LOGGER = logging.getLogger("delf.weights")
 
@@ -156,17 +156,23 @@ def convert(h5_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> KerasWe
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{"name": name, "data": Tensor(array)} for name, array in weights.tensors.items()]
     with atomic_output(ckpt_path, suffix=".ckpt") as temporary:
-        mindspore.save_checkpoint(entries, str(temporary),
-                                  append_dict={"bn_epsilon": weights.bn_epsilon, "weights_scheme": weights.scheme})
+        mindspore.save_checkpoint(entries, str(temporary), append_dict={
+            "bn_epsilon": weights.bn_epsilon, "backbone": "keras", "weights_scheme": weights.scheme})
     return weights
 
 
-def load_pretrained(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float | None]:
-    """Parameter arrays and BatchNorm epsilon (None when unrecorded) of a Keras .h5 or a .ckpt."""
+class PretrainedWeights(NamedTuple):
+    tensors: dict[str, np.ndarray]  # MindSpore parameter name -> array
+    bn_epsilon: float | None  # None when the file does not record it
+    backbone: str | None  # "keras" or "slim"; None when the file does not record it (older checkpoints)
+
+
+def load_weights(path: str | os.PathLike) -> PretrainedWeights:
+    """Parameter arrays and what the file records about its network, from a Keras .h5 or a .ckpt."""
     path = Path(path)
     if path.suffix.lower() in (".h5", ".hdf5"):
         weights = read_keras_h5(path)
-        return weights.tensors, weights.bn_epsilon
+        return PretrainedWeights(weights.tensors, weights.bn_epsilon, "keras")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
@@ -174,11 +180,22 @@ def load_pretrained(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], flo
     except (RuntimeError, ValueError, OSError) as error:
         raise InputError(f"{path}: not a readable MindSpore checkpoint ({str(error).splitlines()[0]})") from None
     epsilon = entries.pop("bn_epsilon", None)
+    backbone = entries.pop("backbone", None)
     entries.pop("weights_scheme", None)
     tensors = {name: value.asnumpy() for name, value in entries.items()}
     if epsilon is not None:
         epsilon = float(np.asarray(epsilon.asnumpy() if hasattr(epsilon, "asnumpy") else epsilon))
-    return tensors, epsilon
+    if backbone is not None:
+        backbone = str(backbone)
+        if backbone not in BACKBONES:
+            raise InputError(f"{path}: records backbone {backbone!r}, not one of {', '.join(BACKBONES)}")
+    return PretrainedWeights(tensors, epsilon, backbone)
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float | None]:
+    """Parameter arrays and BatchNorm epsilon (None when unrecorded) of a Keras .h5 or a .ckpt."""
+    weights = load_weights(path)
+    return weights.tensors, weights.bn_epsilon
 
 
 def resolve_bn_epsilon(configured: float, from_file: float | None) -> float:
@@ -210,13 +227,18 @@ def assign_weights(model: DelfModel, tensors: dict[str, np.ndarray], source: str
 
 def build_model(state: str, *, weights_path: str = "", num_classes: int = 1000, bn_epsilon: float = 0.0,
                 conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
-                required_prefixes: tuple[str, ...] = ("backbone.",)) -> DelfModel:
-    """A DelfModel with weights from a Keras .h5 or a .ckpt; bn_epsilon 0 follows the weights file."""
-    tensors, file_epsilon = load_pretrained(weights_path) if weights_path else ({}, None)
-    model = DelfModel(state, num_classes, resolve_bn_epsilon(bn_epsilon, file_epsilon), resolve_conv_impl(conv_impl),
-                      use_autoencoder, autoencoder_dim)
-    if tensors:
-        assign_weights(model, tensors, weights_path, required_prefixes)
+                required_prefixes: tuple[str, ...] = ("backbone.",), backbone: str = "keras") -> DelfModel:
+    """A DelfModel with weights from a Keras .h5 or a .ckpt; bn_epsilon 0 follows the weights file.
+
+    The backbone layout is the one the weights file records; `backbone` is for files that record
+    none (older checkpoints, and no file at all).
+    """
+    weights = load_weights(weights_path) if weights_path else PretrainedWeights({}, None, None)
+    model = DelfModel(state, num_classes, resolve_bn_epsilon(bn_epsilon, weights.bn_epsilon),
+                      resolve_conv_impl(conv_impl), use_autoencoder, autoencoder_dim,
+                      backbone=weights.backbone or backbone)
+    if weights.tensors:
+        assign_weights(model, weights.tensors, weights_path, required_prefixes)
     return model
 
 
@@ -229,7 +251,7 @@ def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel:
     mindspore.set_seed(config.seed)
     model = build_model("test", weights_path=ckpt_path, bn_epsilon=config.bn_epsilon, conv_impl=config.conv_impl,
                         use_autoencoder=config.use_autoencoder, autoencoder_dim=config.autoencoder_dim,
-                        required_prefixes=("backbone.", "attention."))
+                        required_prefixes=("backbone.", "attention."), backbone=config.backbone)
     model.set_train(False)
     return model
 

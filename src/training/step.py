@@ -202,11 +202,13 @@ def list_checkpoints(directory: str | os.PathLike, stage: str) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def save_training_checkpoint(train_step: ClippedTrainStep, path: Path, bn_epsilon: float) -> None:
-    """Write network + optimizer state + bn_epsilon atomically (temporary file, then rename)."""
+def save_training_checkpoint(train_step: ClippedTrainStep, path: Path, bn_epsilon: float,
+                             backbone: str = "keras") -> None:
+    """Write network + optimizer state + bn_epsilon and backbone layout atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, suffix=".ckpt") as temporary:  # save_checkpoint insists on .ckpt
-        mindspore.save_checkpoint(train_step, str(temporary), append_dict={"bn_epsilon": float(bn_epsilon)})
+        mindspore.save_checkpoint(train_step, str(temporary),
+                                  append_dict={"bn_epsilon": float(bn_epsilon), "backbone": backbone})
 
 
 def weights_fingerprint(train_step: ClippedTrainStep) -> str:
@@ -265,7 +267,7 @@ class CheckpointSaver(Callback):
     """
 
     def __init__(self, directory: str | os.PathLike, stage: str, save_every: int, keep_max: int,
-                 steps_per_epoch: int, max_iters: int, bn_epsilon: float) -> None:
+                 steps_per_epoch: int, max_iters: int, bn_epsilon: float, backbone: str = "keras") -> None:
         super().__init__()
         self.directory = Path(directory)
         self.stage = stage
@@ -274,6 +276,7 @@ class CheckpointSaver(Callback):
         self.steps_per_epoch = steps_per_epoch
         self.max_iters = max_iters
         self.bn_epsilon = bn_epsilon
+        self.backbone = backbone
         self.saved: list[Path] = []
 
     def on_train_step_end(self, run_context) -> None:
@@ -286,7 +289,7 @@ class CheckpointSaver(Callback):
             raise TrainingDivergedError(f"training stopped: weight {bad} is not finite after step {step}; "
                                         "lower initial_lr or check the data")
         path = self.directory / checkpoint_name(self.stage, _epoch_of(step, self.steps_per_epoch), step)
-        save_training_checkpoint(train_step, path, self.bn_epsilon)
+        save_training_checkpoint(train_step, path, self.bn_epsilon, self.backbone)
         self.saved.append(path)
         LOGGER.info("saved checkpoint %s", path)
         for old in list_checkpoints(self.directory, self.stage)[:-self.keep_max]:
