@@ -1,4 +1,4 @@
-"""Convert a TF DELF .datum file (e.g. the released PCA mean / projection) to .npy (src/extraction/datum_io.py).
+"""Convert a TF DELF .datum file (e.g. the released PCA mean / projection) to .npy (src/model/datum_io.py).
 
     python -m src.datum_io INPUT.datum OUTPUT.npy
 """
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from model_utils.cli import cli_main  # noqa: E402
 from model_utils.files import atomic_write_bytes  # noqa: E402
-from src.extraction.datum_io import read_datum  # noqa: E402
+from src.model.datum_io import read_datum  # noqa: E402
 
 
 @cli_main

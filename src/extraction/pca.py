@@ -19,8 +19,8 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_output
-from src.extraction.datum_io import read_datum
 from src.extraction.store import FeatureStore
+from src.model.datum_io import read_datum
 
 
 class PcaParameters(NamedTuple):

@@ -27,7 +27,7 @@ from mindspore import Tensor
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output, atomic_write_text
-from src.extraction.datum_io import read_datum
+from src.model.datum_io import read_datum
 from src.model.network import SLIM_BN_EPSILON, DelfModel
 from src.model.tf_bundle import TensorBundle, decode_fields
 

@@ -11,6 +11,7 @@ mindspore-ascend wheel.
 import json
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -240,11 +241,12 @@ def small_images(images_dir, tmp_path):
 
 
 @pytest.fixture
-def fake_mindir(tmp_path):
-    """A stand-in export: the fake runners never read it; model_id only needs the file."""
+def fake_mindir(mindir, tmp_path):
+    """A copy of the real export for the fake runners, which never run it; the driver reads only its
+    identity (model_id) and the backbone it records."""
     path = tmp_path / "export" / "DELF_MindIR.mindir"
     path.parent.mkdir()
-    path.write_bytes(b"not read")
+    shutil.copyfile(mindir, path)
     return path
 
 

@@ -195,7 +195,7 @@ def test_load_pca_checks_files(tmp_path):
 
 
 def test_load_pca_reads_tf_datum_files(tmp_path):
-    from src.extraction.datum_io import write_datum
+    from src.model.datum_io import write_datum
 
     write_datum(tmp_path / "mean.datum", np.arange(4, dtype=np.float32))
     write_datum(tmp_path / "proj.datum", np.eye(4, dtype=np.float32))

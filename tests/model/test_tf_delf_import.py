@@ -24,10 +24,10 @@ from PIL import Image
 
 from model_utils.cli import InputError
 from model_utils.config import get_config
-from src.extraction.datum_io import write_datum
 from src.extraction.images import load_image
 from src.extraction.pyramid import pyramid_inputs
 from src.model import tf_bundle
+from src.model.datum_io import write_datum
 from src.model.network import DelfModel, block3_output_size
 from src.model.tf_delf import import_release, list_variables, read_tf_delf
 from src.model.weights import build_extraction_model, load_weights
@@ -268,9 +268,8 @@ def test_slim_backbone_has_no_tuning_stage():
 # ---- export and the Ascend-310 path need no flag ----------------------------------------------
 
 def test_exported_slim_model_runs_the_310_path_like_direct_extraction(release, imported, tmp_path):
-    from src.ascend310.postprocess import postprocess
-    from src.ascend310.preprocess import INPUTS_DIR, OUTPUTS_DIR, plan_jobs, preprocess
-    from src.ascend310.runner import model_id, run_inference
+    from src.ascend310.driver import make_runner, run_chunked
+    from src.ascend310.preprocess import plan_jobs
     from src.extraction.extractor import DelfExtractor
     from src.extraction.pca import load_pca
     from src.extraction.store import FeatureStore
@@ -288,11 +287,9 @@ def test_exported_slim_model_runs_the_310_path_like_direct_extraction(release, i
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.load(release / "image.npy")).save(images / "photo.png")
-    work = tmp_path / "work"
-    preprocess(plan_jobs(images), extraction, work, "exact", max_pending=0, progress=False)
-    run_inference(mindir, work / INPUTS_DIR, work / OUTPUTS_DIR, progress=False)
-    postprocess(work, tmp_path / "features", extraction, model_id(mindir), progress=False,
-                backbone=exported_backbone(mindir))
+    reports = run_chunked(plan_jobs(images), extraction, mindir, make_runner(mindir), tmp_path / "work",
+                          tmp_path / "features", progress=False)  # the backbone comes from the MindIR
+    assert reports["features.h5"].extracted == 1
     with FeatureStore(tmp_path / "features" / "features.h5") as store:
         via_310 = store.get("photo")
     direct = DelfExtractor(model, extraction, load_pca(extraction))(load_image(images / "photo.png"))

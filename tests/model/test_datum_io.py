@@ -5,7 +5,7 @@ import pytest
 
 from model_utils.cli import InputError
 from src.datum_io import main
-from src.extraction.datum_io import read_datum, write_datum
+from src.model.datum_io import read_datum, write_datum
 
 # [[1.0, -2.0, 0.5], [3.0, 0.0, 0.25]] as little-endian float32 bytes.
 FLOAT_BYTES = [
