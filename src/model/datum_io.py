@@ -22,56 +22,13 @@ import numpy as np
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_write_bytes
-
-VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
-
-
-class _MalformedError(Exception):
-    """Raised inside the decoder; read_datum turns it into an InputError naming the file."""
-
-
-def _read_varint(buffer: bytes, position: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if position >= len(buffer):
-            raise _MalformedError("truncated varint")
-        byte = buffer[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if value >= 2**64:
-                raise _MalformedError("varint does not fit in 64 bits")
-            return value, position
-        shift += 7
-        if shift >= 70:
-            raise _MalformedError("varint longer than 10 bytes")
-
-
-def _parse_fields(buffer: bytes) -> list[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) of every field of one message, in order."""
-    fields: list[tuple[int, int, int | bytes]] = []
-    position = 0
-    while position < len(buffer):
-        key, position = _read_varint(buffer, position)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise _MalformedError("field number 0")
-        if wire_type == VARINT:
-            value, position = _read_varint(buffer, position)
-        elif wire_type in (FIXED64, FIXED32, LENGTH_DELIMITED):
-            if wire_type == LENGTH_DELIMITED:
-                size, position = _read_varint(buffer, position)
-            else:
-                size = 8 if wire_type == FIXED64 else 4
-            if position + size > len(buffer):
-                left = len(buffer) - position
-                raise _MalformedError(f"field {number} needs {size} bytes, only {left} left")
-            value = bytes(buffer[position : position + size])
-            position += size
-        else:
-            raise _MalformedError(f"unsupported wire type {wire_type} (field {number})")
-        fields.append((number, wire_type, value))
-    return fields
+from src.model.protobuf_wire import (
+    FIXED32,
+    LENGTH_DELIMITED,
+    VARINT,
+    MalformedError,
+    parse_fields,
+)
 
 
 def _decode_packed_varints(payload: bytes) -> np.ndarray:
@@ -81,11 +38,11 @@ def _decode_packed_varints(payload: bytes) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     ends = np.flatnonzero(data < 0x80)
     if ends.size == 0 or ends[-1] != data.size - 1:
-        raise _MalformedError("truncated packed varint")
+        raise MalformedError("truncated packed varint")
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
     if lengths.max() > 10:
-        raise _MalformedError("varint longer than 10 bytes")
+        raise MalformedError("varint longer than 10 bytes")
     shifts = 7 * (np.arange(data.size) - np.repeat(starts, lengths))
     # The 7-bit groups never overlap, so summing the shifted groups is the same as OR-ing them.
     groups = (data & 0x7F).astype(np.uint64) << shifts.astype(np.uint64)
@@ -95,13 +52,13 @@ def _decode_packed_varints(payload: bytes) -> np.ndarray:
 def _repeated_scalars(message: bytes, kind: str) -> np.ndarray:
     """Field 1 of a list message, packed or not: kind 'float' (fixed32) or 'varint'."""
     parts = []
-    for number, wire_type, value in _parse_fields(message):
+    for number, wire_type, value in parse_fields(message):
         if number != 1:
             continue
         if wire_type == LENGTH_DELIMITED:
             if kind == "float":
                 if len(value) % 4:
-                    raise _MalformedError(f"packed float list of {len(value)} bytes is not a multiple of 4")
+                    raise MalformedError(f"packed float list of {len(value)} bytes is not a multiple of 4")
                 parts.append(np.frombuffer(value, dtype="<f4"))
             else:
                 parts.append(_decode_packed_varints(value))
@@ -110,7 +67,7 @@ def _repeated_scalars(message: bytes, kind: str) -> np.ndarray:
         elif kind == "varint" and wire_type == VARINT:
             parts.append(np.array([value], dtype=np.uint64))
         else:
-            raise _MalformedError(f"unexpected wire type {wire_type} for a repeated {kind} value")
+            raise MalformedError(f"unexpected wire type {wire_type} for a repeated {kind} value")
     dtype = np.float32 if kind == "float" else np.uint64
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
@@ -118,32 +75,32 @@ def _repeated_scalars(message: bytes, kind: str) -> np.ndarray:
 def decode_datum(data: bytes) -> np.ndarray:
     """Decode a serialised DatumProto: float32 array (float_list) or uint32 array (uint32_list)."""
     shape_messages, float_messages, uint32_messages = [], [], []
-    for number, wire_type, value in _parse_fields(data):
+    for number, wire_type, value in parse_fields(data):
         targets = {1: shape_messages, 2: float_messages, 3: uint32_messages}
         if number in targets:
             if wire_type != LENGTH_DELIMITED:
-                raise _MalformedError(f"field {number} should be a message, has wire type {wire_type}")
+                raise MalformedError(f"field {number} should be a message, has wire type {wire_type}")
             targets[number].append(value)
     if not shape_messages:
-        raise _MalformedError("no shape field")
+        raise MalformedError("no shape field")
     # Several occurrences of a message field merge, so their repeated contents concatenate.
     dims = _repeated_scalars(b"".join(shape_messages), "varint")
     if np.any(dims >= 2**63):
-        raise _MalformedError(f"negative dimension in shape {dims.astype(np.int64).tolist()}")
+        raise MalformedError(f"negative dimension in shape {dims.astype(np.int64).tolist()}")
     shape = tuple(int(d) for d in dims)
     if float_messages and uint32_messages:
-        raise _MalformedError("both float_list and uint32_list are set")
+        raise MalformedError("both float_list and uint32_list are set")
     if uint32_messages:
         values = _repeated_scalars(b"".join(uint32_messages), "varint")
         if np.any(values >= 2**32):
-            raise _MalformedError("uint32_list holds a value above 2^32 - 1")
+            raise MalformedError("uint32_list holds a value above 2^32 - 1")
         values = values.astype(np.uint32)
     elif float_messages:
         values = _repeated_scalars(b"".join(float_messages), "float")
     else:
         values = np.zeros(0, dtype=np.float32)
     if values.size != int(np.prod(shape)):
-        raise _MalformedError(f"shape {list(shape)} needs {int(np.prod(shape))} values, found {values.size}")
+        raise MalformedError(f"shape {list(shape)} needs {int(np.prod(shape))} values, found {values.size}")
     return values.reshape(shape)
 
 
@@ -152,7 +109,7 @@ def read_datum(path: str | os.PathLike) -> np.ndarray:
     data = Path(path).read_bytes()
     try:
         return decode_datum(data)
-    except _MalformedError as error:
+    except MalformedError as error:
         raise InputError(f"{path} is not a valid DELF .datum file: {error}") from None
 
 

@@ -19,9 +19,12 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
+import cramjam
+import google_crc32c
 import numpy as np
 
 from model_utils.cli import InputError
+from src.model.protobuf_wire import FIXED32, FIXED64, MalformedError, parse_fields, read_varint
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -60,16 +63,10 @@ class BundleEntry(NamedTuple):
         return OTHER_DTYPE_NAMES.get(self.dtype, f"dtype#{self.dtype}")
 
 
-class _MalformedError(ValueError):
-    """Raised while decoding; turned into an InputError naming the file."""
-
-
 # ---- checksums -------------------------------------------------------------------------------
 
 def crc32c(data: bytes) -> int:
     """CRC-32C (Castagnoli) of `data`, through the google-crc32c package (C, hardware-accelerated)."""
-    import google_crc32c
-
     return google_crc32c.value(bytes(data))
 
 
@@ -80,46 +77,10 @@ def mask_crc(crc: int) -> int:
 
 # ---- protobuf wire format (just what BundleEntryProto / BundleHeaderProto need) --------------
 
-def _varint(buffer: bytes, position: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if position >= len(buffer):
-            raise _MalformedError("truncated varint")
-        byte = buffer[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
-        if shift > 63:
-            raise _MalformedError("varint longer than 10 bytes")
-
-
 def decode_fields(message: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of every field; varints as int, fixed32/64 as int, the rest as bytes."""
-    fields = []
-    position = 0
-    while position < len(message):
-        key, position = _varint(message, position)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, position = _varint(message, position)
-        elif wire_type in (1, 5):
-            width = 8 if wire_type == 1 else 4
-            if position + width > len(message):
-                raise _MalformedError(f"truncated fixed{width * 8} field {number}")
-            value = int.from_bytes(message[position:position + width], "little")
-            position += width
-        elif wire_type == 2:
-            length, position = _varint(message, position)
-            if position + length > len(message):
-                raise _MalformedError(f"field {number} needs {length} bytes, {len(message) - position} left")
-            value = bytes(message[position:position + length])
-            position += length
-        else:
-            raise _MalformedError(f"unsupported wire type {wire_type} (field {number})")
-        fields.append((number, value))
-    return fields
+    """(field number, value) of every field; varints and fixed32/64 as int, the rest as bytes."""
+    return [(number, int.from_bytes(value, "little") if wire_type in (FIXED32, FIXED64) else value)
+            for number, wire_type, value in parse_fields(message)]
 
 
 def _signed64(value: int) -> int:
@@ -134,7 +95,7 @@ def _decode_shape(message: bytes) -> tuple[int, ...]:
             size = next((v for n, v in decode_fields(value) if n == 1), 0)
             dims.append(_signed64(size))
         elif number == 3 and value:
-            raise _MalformedError("tensor of unknown rank")
+            raise MalformedError("tensor of unknown rank")
     return tuple(dims)
 
 
@@ -156,8 +117,8 @@ def decode_entry(name: str, message: bytes) -> BundleEntry:
 
 def _block_handle(buffer: bytes, position: int = 0) -> tuple[int, int, int]:
     """(offset, size, next position) of an encoded BlockHandle (two varint64)."""
-    offset, position = _varint(buffer, position)
-    size, position = _varint(buffer, position)
+    offset, position = read_varint(buffer, position)
+    size, position = read_varint(buffer, position)
     return offset, size, position
 
 
@@ -165,42 +126,40 @@ def _read_block(table: bytes, offset: int, size: int) -> bytes:
     """The contents of one block: trailer checked, decompressed when Snappy."""
     end = offset + size
     if offset < 0 or end + BLOCK_TRAILER_SIZE > len(table):
-        raise _MalformedError(f"block at {offset} (+{size}) runs past the end of the file ({len(table)} bytes)")
+        raise MalformedError(f"block at {offset} (+{size}) runs past the end of the file ({len(table)} bytes)")
     contents = table[offset:end]
     compression = table[end]
     (stored_crc,) = struct.unpack_from("<I", table, end + 1)
     if mask_crc(crc32c(table[offset:end + 1])) != stored_crc:
-        raise _MalformedError(f"block at offset {offset}: checksum mismatch (the file is corrupt)")
+        raise MalformedError(f"block at offset {offset}: checksum mismatch (the file is corrupt)")
     if compression == NO_COMPRESSION:
         return contents
     if compression == SNAPPY_COMPRESSION:
-        import cramjam
-
         try:
             return bytes(cramjam.snappy.decompress_raw(contents))
         except cramjam.DecompressionError as error:
-            raise _MalformedError(f"block at offset {offset}: bad Snappy data ({error})") from None
-    raise _MalformedError(f"block at offset {offset}: unknown compression type {compression}")
+            raise MalformedError(f"block at offset {offset}: bad Snappy data ({error})") from None
+    raise MalformedError(f"block at offset {offset}: unknown compression type {compression}")
 
 
 def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
     """(key, value) pairs of a block, undoing the prefix compression (restart points need no use
     when every entry is read in order: each entry's shared prefix refers to the previous key)."""
     if len(block) < 4:
-        raise _MalformedError("block shorter than its restart count")
+        raise MalformedError("block shorter than its restart count")
     (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
     data_end = len(block) - 4 - 4 * num_restarts
     if data_end < 0:
-        raise _MalformedError(f"block claims {num_restarts} restart points, more than it can hold")
+        raise MalformedError(f"block claims {num_restarts} restart points, more than it can hold")
     entries = []
     key = b""
     position = 0
     while position < data_end:
-        shared, position = _varint(block, position)
-        unshared, position = _varint(block, position)
-        value_length, position = _varint(block, position)
+        shared, position = read_varint(block, position)
+        unshared, position = read_varint(block, position)
+        value_length, position = read_varint(block, position)
         if shared > len(key) or position + unshared + value_length > data_end:
-            raise _MalformedError(f"corrupt block entry at {position}")
+            raise MalformedError(f"corrupt block entry at {position}")
         key = key[:shared] + block[position:position + unshared]
         position += unshared
         entries.append((key, block[position:position + value_length]))
@@ -216,11 +175,11 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     table = path.read_bytes()
     try:
         if len(table) < FOOTER_SIZE:
-            raise _MalformedError(f"{len(table)} bytes, shorter than a table footer")
+            raise MalformedError(f"{len(table)} bytes, shorter than a table footer")
         footer = table[-FOOTER_SIZE:]
         (magic,) = struct.unpack_from("<Q", footer, FOOTER_SIZE - 8)
         if magic != TABLE_MAGIC:
-            raise _MalformedError(f"bad magic number {magic:#x} (not a TensorFlow checkpoint index)")
+            raise MalformedError(f"bad magic number {magic:#x} (not a TensorFlow checkpoint index)")
         _, _, position = _block_handle(footer)  # the metaindex: no filters or stats are needed
         index_offset, index_size, _ = _block_handle(footer, position)
         entries = []
@@ -228,7 +187,7 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
             offset, size, _ = _block_handle(handle)
             entries.extend(_block_entries(_read_block(table, offset, size)))
         return entries
-    except _MalformedError as error:
+    except MalformedError as error:
         raise InputError(f"{path}: {error}") from None
 
 
@@ -261,7 +220,7 @@ class TensorBundle:
                 else:
                     name = key.decode("utf-8")
                     self.entries[name] = decode_entry(name, value)
-            except (_MalformedError, UnicodeDecodeError) as error:
+            except (MalformedError, UnicodeDecodeError) as error:
                 raise InputError(f"{self.index_path}: bad entry {key[:80]!r}: {error}") from None
 
     def _read_header(self, message: bytes) -> None:
