@@ -164,8 +164,9 @@ def aggregate_residuals(
     """(words, residuals): the distinct words of `assignments` (N, k; -1 = none), ascending, and
     per word the sum of (descriptor - centroid) over the descriptors assigned to it, (U, D) float32."""
     descriptors = np.asarray(descriptors, dtype=np.float32)
-    assignments = np.asarray(assignments, dtype=np.int64).reshape(len(descriptors), -1)
-    rows = np.repeat(np.arange(len(descriptors)), assignments.shape[1])
+    assignments = np.asarray(assignments, dtype=np.int64)
+    per_row = assignments.shape[1] if assignments.ndim == 2 else 1
+    rows = np.repeat(np.arange(len(descriptors)), per_row)
     words = assignments.ravel()
     valid = words >= 0
     rows, words = rows[valid], words[valid]
