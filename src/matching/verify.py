@@ -31,9 +31,11 @@ from src.extraction.store import LocalFeatures
 
 ENGINES = ("opencv", "skimage")
 NN_METHODS = ("kdtree", "brute")
-# Largest block of descriptor products held at once in batched matching (16 MB of float32):
-# large enough for few BLAS calls, small enough to stay in cache-friendly sizes.
-_BLOCK_ELEMENTS = 1 << 22
+# Largest block of descriptor products held at once in batched matching (4 MB of float32): one
+# 1000 x 1000 pair, or several smaller ones. Larger blocks measured slower (the products leave
+# the cache before the argmax reads them), and at DELF's 1000 x 1000 the product itself is the
+# cost, so batching mainly saves per-call overhead for images with fewer features.
+_BLOCK_ELEMENTS = 1 << 20
 
 # cv2 stops once it is this sure an all-inlier sample was drawn. skimage (as the reference
 # calls it) never stops early, so ask for near-certainty: with this value cv2 still runs all
@@ -84,9 +86,9 @@ def find_putative_matches_batch(
     descriptors_1: Sequence[np.ndarray], descriptors_2: np.ndarray, distance_threshold: float = 0.8
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """find_putative_matches(d, descriptors_2, distance_threshold, "brute") for every d in
-    `descriptors_1` (e.g. the shortlisted database images against one query), from a few large
-    matrix products instead of one per image: image-1 descriptors are stacked and multiplied
-    with descriptors_2 in blocks of at most _BLOCK_ELEMENTS products.
+    `descriptors_1` (e.g. the shortlisted database images against one query), from a few matrix
+    products instead of one per image: image-1 descriptors are stacked and multiplied with
+    descriptors_2 in blocks of at most _BLOCK_ELEMENTS products (at least one image a block).
 
     Per image the arithmetic is the same as for the image alone (each product element is one
     40-term dot product, each image's argmax runs over its own columns), so the matches are too.

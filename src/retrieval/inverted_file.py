@@ -94,7 +94,8 @@ def _load(path: Path, mmap: bool) -> np.ndarray:
         if mmap and path.stat().st_size:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             if array.size:
-                return array
+                # A plain read-only view of the mapping: np.memmap's indexing overhead is per call.
+                return array.view(np.ndarray)
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise InputError(f"ASMK index file {path} is unreadable ({error}); delete {path.parent} to rebuild") from None
@@ -163,6 +164,7 @@ class AsmkIndex:
     def __init__(self, directory: Path, codebook: asmk.Codebook, segments: list[_Segment], next_segment: int) -> None:
         self.directory = directory
         self.codebook = codebook
+        self._kernel = asmk.kernel_of_hamming(codebook.dim)
         self.segments: list[_Segment] = []
         self._next_segment = next_segment
         self.image_ids: list[str] = []
@@ -347,10 +349,8 @@ class AsmkIndex:
                 continue
             # Rows of all the query's word lists, list after list.
             rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-            similarity = asmk.binary_similarity(segment.codes[rows], np.repeat(codes, lengths, axis=0),
-                                                self.codebook.dim)
-            kernel = asmk.selective_kernel(similarity)
-            scores += np.bincount(segment.images[rows], weights=kernel, minlength=len(scores))
+            hamming = asmk.hamming_distances(segment.codes[rows], np.repeat(codes, lengths, axis=0))
+            scores += np.bincount(segment.images[rows], weights=self._kernel[hamming], minlength=len(scores))
         # Normalise by both self-similarities (number of words: each word's binary self-match is 1).
         with np.errstate(divide="ignore", invalid="ignore"):
             scores /= np.sqrt(self.words_per_image * len(words))

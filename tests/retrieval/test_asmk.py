@@ -113,6 +113,8 @@ def test_binary_similarity_and_selective_kernel_equal_the_direct_kernel(dim):
     np.testing.assert_allclose(similarity, expected, atol=1e-12)
     kernel = asmk.selective_kernel(similarity)
     np.testing.assert_allclose(kernel, [direct_kernel(a, b) for a, b in zip(u, v, strict=True)], atol=1e-12)
+    hamming = asmk.hamming_distances(asmk.binarize(u), asmk.binarize(v))
+    np.testing.assert_array_equal(asmk.kernel_of_hamming(dim)[hamming], kernel)  # the search's look-up
     assert (kernel[similarity <= 0] == 0).all() and (kernel[similarity > 0] > 0).all()
     # other exponent and threshold
     np.testing.assert_allclose(asmk.selective_kernel(np.array([-0.5, 0.0, 0.25, 0.5, 1.0]), 1.0, 0.3),
@@ -231,8 +233,9 @@ def test_round_trip_memory_mapped_and_without_pickles(tmp_path, source):
     reopened = AsmkIndex.open(tmp_path / "index")
     assert reopened.image_ids == source.ids() and reopened.settings_hashes == ["h1"] * 40
     np.testing.assert_array_equal(reopened.codebook.centroids, built.codebook.centroids)
-    for segment in reopened.segments:
-        assert isinstance(segment.images, np.memmap) and isinstance(segment.codes, np.memmap)
+    for segment in reopened.segments:  # read-only views of file mappings
+        for array in (segment.images, segment.codes):
+            assert not array.flags.owndata and not array.flags.writeable and isinstance(array.base, np.memmap)
     for path in (tmp_path / "index").glob("*.npy"):
         np.load(path, allow_pickle=False)
     query = source.images["image010"][:40]
