@@ -1,4 +1,4 @@
-"""Per-query retrieval time through real feature stores: asmk vs fast vs exhaustive, batched vs per-pair re-ranking.
+"""Per-query retrieval time through real feature stores: asmk vs former fast vs exhaustive; batched vs per-pair.
 
 A synthetic database of DELF's size (1000 features x 40-D per image, bench/synthetic_delf.py) is
 written once into a FeatureStore in --work_dir (kept and reused by later runs). Per database
@@ -8,8 +8,8 @@ size (a prefix of it), in ONE run:
   query: ASMK search, reading the shortlisted images' features from the store, re-ranking them
   with one batched match (match_features_batch) and, as the baseline, one match per pair
   (match_features with the brute-force product, what re-ranking did before);
-- fast: every descriptor loaded from the store into the faiss vote index (timed as the build),
-  then the same steps with votes as the search;
+- fast (the former mode, now bench/vote_baseline.py): every descriptor loaded from the store
+  into the faiss vote index (timed as the build), then the same steps with votes as the search;
 - exhaustive: RANSAC on every image, timed on the positives + --exhaustive_pairs sampled
   distractors per query and EXTRAPOLATED as per-pair cost x images; a positive counts as found
   when its inliers exceed every sampled distractor's.
@@ -36,9 +36,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_delf import DIM, POSITIVES_PER_QUERY, SETTINGS_HASH, SyntheticDatabase  # noqa: E402
+from bench.vote_baseline import build_descriptor_index, vote_scores  # noqa: E402
 from src.extraction.store import FeatureStore  # noqa: E402
 from src.matching.verify import match_features, match_features_batch  # noqa: E402
-from src.retrieval.index import build_descriptor_index, vote_scores  # noqa: E402
 from src.retrieval.inverted_file import StoreSource, build_index  # noqa: E402
 from src.retrieval.rerank import rerank_by_inliers, shortlist  # noqa: E402
 
@@ -54,6 +54,19 @@ def write_store(path: Path, database: SyntheticDatabase, size: int) -> None:
                       settings_hash=SETTINGS_HASH)
 
 
+def both_ways(features, query, first_batched: bool):
+    """(batched results, seconds, per-pair results, seconds) of verifying the query against features."""
+    timed = {}
+    for batched in (first_batched, not first_batched):
+        started = time.perf_counter()
+        if batched:
+            results = match_features_batch(features, query)
+        else:
+            results = [match_features(f, query, nn_method="brute") for f in features]
+        timed[batched] = (results, time.perf_counter() - started)
+    return (*timed[True], *timed[False])
+
+
 def time_queries(store: FeatureStore, database: SyntheticDatabase, queries, size: int, score, shortlist_size: int):
     """Medians of (search, read, batched re-rank, per-pair re-rank) seconds, and positives found."""
     timings, found = [], 0
@@ -64,12 +77,10 @@ def time_queries(store: FeatureStore, database: SyntheticDatabase, queries, size
         candidates = shortlist(scores, [], shortlist_size)
         features = [store.get(database.image_id(int(n))) for n in candidates]
         read = time.perf_counter()
-        batched = match_features_batch(features, query)
-        reranked = time.perf_counter()
-        per_pair = [match_features(f, query, nn_method="brute") for f in features]
-        per_pair_done = time.perf_counter()
+        # Batched and per-pair alternate which goes first, so cache and load favour neither.
+        batched, batched_seconds, per_pair, per_pair_seconds = both_ways(features, query, first_batched=number % 2 == 0)
         assert [r.num_inliers for r in batched] == [r.num_inliers for r in per_pair]  # the same results
-        timings.append((searched - started, read - searched, reranked - read, per_pair_done - reranked))
+        timings.append((searched - started, read - searched, batched_seconds, per_pair_seconds))
         inliers = {int(n): r.num_inliers for n, r in zip(candidates, batched, strict=True)}
         ranking = rerank_by_inliers(scores, [], shortlist_size, inliers.__getitem__)
         positives = database.positives(number, size)
@@ -85,13 +96,9 @@ def time_exhaustive(store, database, queries, size, pairs, rng):
         distractors = rng.choice(np.setdiff1d(np.arange(size), positives), pairs, replace=False)
         images = np.concatenate([positives, distractors])
         features = [store.get(database.image_id(int(n))) for n in images]
-        started = time.perf_counter()
-        results = match_features_batch(features, query)
-        middle = time.perf_counter()
-        for f in features:
-            match_features(f, query, nn_method="brute")
-        batched.append((middle - started) / len(images))
-        single.append((time.perf_counter() - middle) / len(images))
+        results, batched_seconds, _, single_seconds = both_ways(features, query, first_batched=number % 2 == 0)
+        batched.append(batched_seconds / len(images))
+        single.append(single_seconds / len(images))
         inliers = np.array([r.num_inliers for r in results])
         found += int((inliers[: len(positives)] > inliers[len(positives) :].max()).sum())
     return statistics.median(batched), statistics.median(single), found

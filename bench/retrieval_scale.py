@@ -1,18 +1,18 @@
-"""Retrieval at scale: asmk vs fast vs exhaustive (sampled) on streamed synthetic databases, in ONE run.
+"""Retrieval at scale: asmk vs the former fast mode vs exhaustive (sampled) on streamed synthetic databases, in ONE run.
 
 The database (bench/synthetic_delf.py) is generated image by image and never held whole: the
 asmk index is built by streaming at the first size, then the next images are added to it
-(incremental add, as a growing collection would be); the fast mode's faiss index holds every
-descriptor (its nature), grown the same way, and is skipped above --fast_max_gb. Each size
-prints, per mode: build time (cumulative), index bytes per image, per-query search and re-rank
-times (medians over the queries), and positives found (of each query's 20 positives, how many
-are ranked above every distractor). Re-ranking verifies the top --shortlist_size images with
-one batched match (features regenerated first, not timed; reading them from a feature store is
-timed by bench/retrieval.py). Exhaustive verifies each query's positives plus --exhaustive_pairs
-random distractors: its time is EXTRAPOLATED as per-pair cost x images, and a positive counts as
-found when its inliers exceed every sampled distractor's. Last, everything is extrapolated to
-1M images (R1M's scale): bytes and per-image build cost linearly, search time by a line fitted
-over the sizes.
+(incremental add, as a growing collection would be); the former fast mode's faiss vote index
+(bench/vote_baseline.py) holds every descriptor (its nature), grown the same way, and is skipped
+above --fast_max_gb. Each size prints, per mode: build time (cumulative), index bytes per image,
+per-query search and re-rank times (medians over the queries), and positives found (of each
+query's 20 positives, how many are ranked above every distractor). Re-ranking verifies the top
+--shortlist_size images with one batched match (features regenerated first, not timed; reading
+them from a feature store is timed by bench/retrieval.py). Exhaustive verifies each query's
+positives plus --exhaustive_pairs random distractors: its time is EXTRAPOLATED as per-pair cost
+x images, and a positive counts as found when its inliers exceed every sampled distractor's.
+Last, everything is extrapolated to 1M images (R1M's scale): bytes and per-image build cost
+linearly, search time by a line fitted over the sizes.
 
     python bench/retrieval_scale.py [--sizes 10000 30000 100000] [--features 300] [--queries 5]
 """
@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_delf import DIM, POSITIVES_PER_QUERY, SyntheticDatabase, SyntheticSource  # noqa: E402
+from bench.vote_baseline import DescriptorIndex, build_descriptor_index, vote_scores  # noqa: E402
 from src.matching.verify import match_features_batch  # noqa: E402
-from src.retrieval.index import DescriptorIndex, build_descriptor_index, vote_scores  # noqa: E402
 from src.retrieval.inverted_file import AsmkIndex, build_index  # noqa: E402
 from src.retrieval.rerank import rerank_by_inliers, shortlist  # noqa: E402
 

@@ -130,11 +130,9 @@ class RetrievalConfig:
     """Ranking a database for each query: a shortlist re-ranked by RANSAC inliers, or RANSAC on every image."""
 
     mode: str = field(default="asmk", **_option("asmk: DELF-ASMK* shortlist (index file beside the feature store) + "
-                                                "RANSAC re-ranking; fast: descriptor-vote shortlist + RANSAC "
-                                                "re-ranking; exhaustive: RANSAC against every database image "
-                                                "(the reference)", ("asmk", "fast", "exhaustive")))
+                                                "RANSAC re-ranking; exhaustive: RANSAC against every database "
+                                                "image (the reference)", ("asmk", "exhaustive")))
     shortlist_size: int = field(default=100, **_option("images re-ranked by RANSAC"))
-    num_neighbors: int = field(default=10, **_option("fast: database neighbours each query descriptor votes for"))
     codebook_size: int = field(default=0, **_option("asmk: visual words; 0 = 16 per database image as a power "
                                                     "of two, at most 65536"))
     query_assignments: int = field(default=5, **_option("asmk: visual words each query descriptor is assigned to"))
@@ -144,8 +142,6 @@ class RetrievalConfig:
         problems = []
         if self.shortlist_size < 0:
             problems.append(f"shortlist_size must be >= 0, got {self.shortlist_size}")
-        if self.num_neighbors < 1:
-            problems.append(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.codebook_size < 0:
             problems.append(f"codebook_size must be >= 0 (0 = chosen from the database size), got {self.codebook_size}")
         if self.query_assignments < 1:

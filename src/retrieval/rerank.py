@@ -7,8 +7,6 @@ Every mode ranks every database image for every query and returns revisitop's `r
   database feature store (`<store>.asmk`, built on first use, completed when images are added,
   memory-mapped) gives a shortlist of `shortlist_size` images, verified with RANSAC; ALL images
   are then sorted by (inliers, similarity), as the TF reference's RerankByGeometricVerification.
-- fast: the same with votes of the query descriptors' nearest neighbours among all database
-  descriptors (src/retrieval/index.py), which holds every database descriptor in memory.
 - exhaustive: RANSAC against every database image, as the reference's perform_retrieval does;
   sorted by (inliers, putative matches, database order).
 
@@ -39,7 +37,6 @@ from model_utils.config import MatchingConfig, RetrievalConfig
 from model_utils.files import atomic_output
 from src.extraction.store import FeatureStore, LocalFeatures
 from src.matching.verify import match_features_batch
-from src.retrieval.index import build_descriptor_index, vote_scores
 from src.retrieval.inverted_file import StoreSource, index_path_for, open_or_build_index
 
 LOGGER = logging.getLogger("delf.retrieval")
@@ -80,23 +77,6 @@ def _require_stored(store: FeatureStore, names: Sequence[str], role: str) -> Non
     if missing:
         also = f" (also {', '.join(map(repr, missing[1:4]))})" if len(missing) > 1 else ""
         raise InputError(f"{len(missing)} {role} image(s) have no features in {store.path}, e.g. {missing[0]!r}{also}")
-
-
-def _stack_descriptors(features: list[LocalFeatures], store_path: Path) -> tuple[np.ndarray, list[LocalFeatures]]:
-    """All descriptors in one array, and the features with their descriptors as views into it
-    (so the per-image copies can be freed)."""
-    counts = [len(f.descriptors) for f in features]
-    present = [f.descriptors for f, count in zip(features, counts, strict=True) if count]
-    sizes = sorted({d.shape[1] for d in present})
-    if len(sizes) > 1:
-        raise InputError(f"database descriptors in {store_path} have different sizes {sizes} (mixed extractions?)")
-    stacked = np.concatenate(present).astype(np.float32, copy=False) if present else np.zeros((0, 1), np.float32)
-    ends = np.cumsum(counts)
-    views = [
-        f._replace(descriptors=stacked[end - count : end]) if count else f
-        for f, count, end in zip(features, counts, ends, strict=True)
-    ]
-    return stacked, views
 
 
 class _FeatureCache:
@@ -172,22 +152,9 @@ def retrieve(
         LOGGER.info("ASMK index %s: %d images, %d words, %.1f MB, ready in %.1f s", index_dir,
                     len(index.image_ids), index.codebook.size, index.num_bytes() / 2**20, time.perf_counter() - started)
         features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)
-
-        def initial_scores(query: LocalFeatures) -> np.ndarray:
-            return index.scores(query.descriptors, settings.query_assignments)[number_of_image]
     else:
         loading = tqdm(imlist, desc="load database features", unit="image", leave=False, disable=not progress)
         features = [index_store.get(name) for name in loading]
-        if mode == "fast":
-            stacked, features = _stack_descriptors(features, index_store.path)
-            vote_index = build_descriptor_index(stacked, [len(f.descriptors) for f in features], seed=seed)
-            del stacked  # the faiss index has its own copy; `features` keep views for RANSAC
-            LOGGER.info("indexed %d descriptors of %d images (%s) in %.1f s", vote_index.num_rows, len(imlist),
-                        "exact" if vote_index.exact else "inverted file", time.perf_counter() - started)
-
-            def initial_scores(query: LocalFeatures) -> np.ndarray:
-                return vote_scores(vote_index, query.descriptors, num_neighbors=settings.num_neighbors,
-                                   distance_threshold=matching.distance_threshold)
 
     match_settings = {**dataclasses.asdict(matching), "seed": seed}
     ranks = {p: np.empty((len(imlist), len(qimlist)), dtype=np.int64) for p in protocols}
@@ -203,7 +170,7 @@ def retrieve(
             for protocol in protocols:
                 ranks[protocol][:, column] = order
         else:
-            scores = initial_scores(query)
+            scores = index.scores(query.descriptors, settings.query_assignments)[number_of_image]
             verifier.verify(np.concatenate(
                 [shortlist(scores, junk[protocol][column], shortlist_size) for protocol in protocols] or [[]]))
             for protocol in protocols:

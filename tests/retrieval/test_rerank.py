@@ -1,4 +1,4 @@
-"""Tests for src/perform_retrieval.py: neighbour search, voting, junk-aware re-ranking, all modes, the CLI.
+"""Tests for src/perform_retrieval.py: junk-aware re-ranking, asmk and exhaustive retrieval, the CLI.
 
 The feature stores are synthetic but built like a landmark database: a few "scenes" (pools of
 40-D unit descriptors at fixed places); database images and queries are random affine views of a
@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 
-import src.retrieval.index as index_module
 import src.retrieval.rerank as rerank_module
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
@@ -25,7 +23,6 @@ from src.evaluation.metrics import evaluate
 from src.extraction.store import FeatureStore, LocalFeatures
 from src.matching.verify import match_features, match_features_batch
 from src.perform_retrieval import main
-from src.retrieval.index import build_descriptor_index, find_neighbors, vote_scores
 from src.retrieval.rerank import rerank_by_inliers, retrieve, save_ranks
 
 DIM = 40
@@ -126,93 +123,8 @@ def asmk_ranks(world) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fast_ranks(world) -> dict[str, np.ndarray]:
-    return run(world, mode="fast", shortlist_size=SHORTLIST)
-
-
-@pytest.fixture(scope="module")
 def exhaustive_ranks(world) -> dict[str, np.ndarray]:
     return run(world, mode="exhaustive")
-
-
-# ----------------------------------------------------------------------------------------------
-# Neighbour search and votes
-# ----------------------------------------------------------------------------------------------
-
-
-def kdtree_neighbors(database: np.ndarray, queries: np.ndarray, k: int, threshold: float) -> set:
-    """Independent reference: scipy's KD-tree with the same k and distance bound."""
-    distances, rows = cKDTree(database).query(queries, k=k, distance_upper_bound=threshold)
-    found = np.isfinite(distances)
-    query_ids = np.nonzero(found)[0]
-    return set(zip(query_ids.tolist(), rows[found].tolist(), strict=True))
-
-
-def clustered_descriptors(rng: np.random.Generator, count: int, centres: int = 30) -> np.ndarray:
-    """Unit descriptors around a few centres, so many pairs fall within 0.8 of each other."""
-    base = unit_rows(rng.normal(size=(centres, DIM)))
-    return unit_rows(base[rng.integers(0, centres, count)] + 0.1 * rng.normal(size=(count, DIM)))
-
-
-def test_exact_search_matches_kdtree_reference():
-    rng = np.random.default_rng(1)
-    database, queries = clustered_descriptors(rng, 3000), clustered_descriptors(rng, 200)
-    index = build_descriptor_index(database, [1000, 0, 2000])
-    assert index.exact  # 3000 rows: exact by default
-    for k, threshold in ((1, 0.8), (5, 0.8), (10, 0.6)):
-        query_ids, rows, distances = find_neighbors(index, queries, k, threshold)
-        found = set(zip(query_ids.tolist(), rows.tolist(), strict=True))
-        assert found == kdtree_neighbors(database, queries, k, threshold)
-        np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
-        assert np.bincount(query_ids, minlength=len(queries)).max() <= k
-    assert index.image_of_row[999] == 0 and index.image_of_row[1000] == 2
-    tiny = build_descriptor_index(database[:3], [3])  # fewer rows than k
-    assert len(find_neighbors(tiny, queries, 10, 2.5)[0]) == 3 * len(queries)
-
-
-def test_inverted_file_is_exact_when_every_cell_is_probed_and_close_otherwise():
-    rng = np.random.default_rng(2)
-    database, queries = clustered_descriptors(rng, 4000), clustered_descriptors(rng, 300)
-    reference = kdtree_neighbors(database, queries, 10, 0.8)
-    full = build_descriptor_index(database, [4000], exact=False, num_cells=16, num_probes=16)
-    assert not full.exact
-    query_ids, rows, _ = find_neighbors(full, queries, 10, 0.8)
-    assert set(zip(query_ids.tolist(), rows.tolist(), strict=True)) == reference
-    probed = build_descriptor_index(database, [4000], exact=False, num_cells=16, num_probes=4)
-    query_ids, rows, distances = find_neighbors(probed, queries, 10, 0.8)
-    found = set(zip(query_ids.tolist(), rows.tolist(), strict=True))
-    assert len(found & reference) >= 0.8 * len(reference) and found <= reference | found
-    np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
-
-
-def test_votes_once_per_image_normalised_by_sqrt_of_its_size():
-    rng = np.random.default_rng(3)
-    anchor = unit_rows(rng.normal(size=(2, DIM)))
-    filler = unit_rows(rng.normal(size=(96, DIM)))
-    # image 0: 4 descriptors, three copies of anchor 0; image 1: none;
-    # image 2: anchor 1 + 96 unrelated + a near copy of anchor 0
-    image_0 = np.concatenate([anchor[[0, 0, 0]], unit_rows(rng.normal(size=(1, DIM)))])
-    image_2 = np.concatenate([anchor[[1]], filler, unit_rows(anchor[[0]] + 0.01 * rng.normal(size=(1, DIM)))])
-    index = build_descriptor_index(np.concatenate([image_0, image_2]), [4, 0, 98])
-    scores = vote_scores(index, anchor, num_neighbors=10, distance_threshold=0.5)
-    # query 0 hits image 0 three times (one vote) and image 2 once; query 1 hits image 2 only
-    np.testing.assert_allclose(scores, [1 / np.sqrt(4), 0.0, 2 / np.sqrt(98)])
-    # k=1: query 0's nearest neighbours are the exact copies in image 0, so image 2 loses that vote
-    nearest = vote_scores(index, anchor, num_neighbors=1, distance_threshold=0.5)
-    np.testing.assert_allclose(nearest, [1 / np.sqrt(4), 0.0, 1 / np.sqrt(98)])
-    with pytest.raises(InputError, match="query descriptors are 8-D but the database's are 40-D"):
-        vote_scores(index, np.ones((2, 8), np.float32))
-
-
-def test_empty_inputs_give_no_votes():
-    index = build_descriptor_index(np.zeros((0, DIM), np.float32), [0, 0])
-    assert vote_scores(index, unit_rows(np.ones((3, DIM)))).tolist() == [0.0, 0.0]
-    index = build_descriptor_index(unit_rows(np.ones((2, DIM))), [2], exact=False)
-    assert vote_scores(index, np.zeros((0, DIM), np.float32)).tolist() == [0.0]
-    with pytest.raises(InputError, match="adds up to 3, but there are 2 descriptors"):
-        build_descriptor_index(np.ones((2, DIM)), [3])
-    with pytest.raises(InputError, match="num_probes must be at least 1"):
-        build_descriptor_index(np.ones((2, DIM)), [2], num_probes=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,9 +164,9 @@ def positives(world: dict, protocol: str) -> list[np.ndarray]:
     return [entry["ok"] for entry in protocol_ground_truth(world["ground_truth"]["gnd"], protocol)]
 
 
-def test_ranks_layout_is_a_permutation_per_query(world, asmk_ranks, fast_ranks, exhaustive_ranks):
+def test_ranks_layout_is_a_permutation_per_query(world, asmk_ranks, exhaustive_ranks):
     num_images, num_queries = len(world["ground_truth"]["imlist"]), len(world["ground_truth"]["qimlist"])
-    for ranks in (asmk_ranks, fast_ranks, exhaustive_ranks):
+    for ranks in (asmk_ranks, exhaustive_ranks):
         assert set(ranks) == set(PROTOCOLS)
         for protocol in PROTOCOLS:
             assert ranks[protocol].shape == (num_images, num_queries)
@@ -262,23 +174,20 @@ def test_ranks_layout_is_a_permutation_per_query(world, asmk_ranks, fast_ranks, 
             np.testing.assert_array_equal(np.sort(ranks[protocol], axis=0), np.arange(num_images)[:, None].repeat(3, 1))
 
 
-def test_shortlist_modes_and_exhaustive_agree_and_rank_positives_first(world, asmk_ranks, fast_ranks,
-                                                                        exhaustive_ranks):
+def test_asmk_and_exhaustive_agree_and_rank_positives_first(world, asmk_ranks, exhaustive_ranks):
     ok = positives(world, "medium")
     for query in range(NUM_QUERY_SCENES):
         # every view of the query scene (easy, hard and junk views alike) has many inliers
         scene_views = len(ROLES)
         top_exhaustive = set(exhaustive_ranks["medium"][:scene_views, query].tolist())
-        for ranks in (asmk_ranks, fast_ranks):
-            assert set(ranks["medium"][:scene_views, query].tolist()) == top_exhaustive
+        assert set(asmk_ranks["medium"][:scene_views, query].tolist()) == top_exhaustive
         junk = protocol_ground_truth(world["ground_truth"]["gnd"], "medium")[query]["junk"]
         assert top_exhaustive == set(ok[query].tolist()) | set(junk.tolist())
-    for ranks in (asmk_ranks, fast_ranks, exhaustive_ranks):
+    for ranks in (asmk_ranks, exhaustive_ranks):
         results = evaluate(ranks["medium"], world["ground_truth"])
         assert results["protocols"]["medium"]["mAP"] == pytest.approx(1.0)
     for protocol in PROTOCOLS:  # each protocol's own ranking is perfect for that protocol
-        for ranks in (asmk_ranks, fast_ranks):
-            assert evaluate(ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
+        assert evaluate(asmk_ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
 
 
 def test_exhaustive_orders_by_inliers_then_putative_matches(world, exhaustive_ranks):
@@ -292,12 +201,12 @@ def test_exhaustive_orders_by_inliers_then_putative_matches(world, exhaustive_ra
         np.testing.assert_array_equal(exhaustive_ranks[protocol][:, 1], expected)
 
 
-def test_junk_is_skipped_by_the_shortlist_per_protocol(world, asmk_ranks, fast_ranks, exhaustive_ranks):
+def test_junk_is_skipped_by_the_shortlist_per_protocol(world, asmk_ranks, exhaustive_ranks):
     gnd, imlist = world["ground_truth"]["gnd"], world["ground_truth"]["imlist"]
     query = 0
     hard_view, easy_views = gnd[query]["hard"][0], gnd[query]["easy"]
     assert match_features(world["database"][imlist[hard_view]], world["queries"]["query0"]).num_inliers > 20
-    for ranks in (asmk_ranks, fast_ranks):
+    for ranks in (asmk_ranks,):
         position = {p: int(np.flatnonzero(ranks[p][:, query] == hard_view)[0]) for p in PROTOCOLS}
         # easy protocol: the hard view is junk, so it is not verified and falls behind the verified
         # images with inliers (the two easy views), although its inliers would have put it on top
@@ -310,7 +219,7 @@ def test_junk_is_skipped_by_the_shortlist_per_protocol(world, asmk_ranks, fast_r
     assert all((exhaustive_ranks[p] == exhaustive_ranks["medium"]).all() for p in PROTOCOLS)
 
 
-@pytest.mark.parametrize("mode", ["asmk", "fast", "exhaustive"])
+@pytest.mark.parametrize("mode", ["asmk", "exhaustive"])
 def test_each_query_is_verified_in_one_batch_each_pair_once(world, monkeypatch, mode):
     batches = []
 
@@ -334,40 +243,29 @@ def test_each_query_is_verified_in_one_batch_each_pair_once(world, monkeypatch, 
         assert mean_ap == pytest.approx(1.0) or mode == "exhaustive"
 
 
-def test_batched_verification_ranks_equal_per_pair_verification(world, monkeypatch, asmk_ranks, fast_ranks,
-                                                                exhaustive_ranks):
+def test_batched_verification_ranks_equal_per_pair_verification(world, monkeypatch, asmk_ranks, exhaustive_ranks):
     def per_pair(index_features, query_features, **settings):
         # the reference's KD-tree, one pair at a time
         return [match_features(f, query_features, nn_method="kdtree", **settings) for f in index_features]
 
     monkeypatch.setattr(rerank_module, "match_features_batch", per_pair)
-    for mode, batched in (("asmk", asmk_ranks), ("fast", fast_ranks), ("exhaustive", exhaustive_ranks)):
+    for mode, batched in (("asmk", asmk_ranks), ("exhaustive", exhaustive_ranks)):
         ranks = run(world, mode=mode, shortlist_size=SHORTLIST)
         for protocol in PROTOCOLS:
             np.testing.assert_array_equal(ranks[protocol], batched[protocol])
 
 
-def test_inverted_file_path_gives_the_same_retrieval(world, fast_ranks, monkeypatch):
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_ROWS", 0)  # force the inverted file
-    ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
-    for protocol in PROTOCOLS:
-        # the same images on top; images with equal inliers may swap (approximate votes break the tie)
-        np.testing.assert_array_equal(np.sort(ranks[protocol][: len(ROLES)], axis=0),
-                                      np.sort(fast_ranks[protocol][: len(ROLES)], axis=0))
-        assert evaluate(ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
-
-
-def test_zero_feature_images(world, tmp_path, asmk_ranks, fast_ranks, exhaustive_ranks):
+def test_zero_feature_images(world, tmp_path, asmk_ranks, exhaustive_ranks):
     imlist = world["ground_truth"]["imlist"]
     blank = imlist.index("blank")
-    for ranks in (asmk_ranks, fast_ranks, exhaustive_ranks):
+    for ranks in (asmk_ranks, exhaustive_ranks):
         assert np.flatnonzero(ranks["medium"][:, 0] == blank)[0] >= len(ROLES)
     # a query without features: every score is 0, so the ranking is the database order
     with FeatureStore(tmp_path / "q.h5") as store:
         store.put("query0", empty_features(), image_size=(5, 5), settings_hash="synthetic")
     ground_truth = dict(world["ground_truth"], qimlist=["query0"], gnd=world["ground_truth"]["gnd"][:1])
     with FeatureStore(tmp_path / "q.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
-        for mode in ("asmk", "fast", "exhaustive"):
+        for mode in ("asmk", "exhaustive"):
             ranks = retrieve_gt(queries, index, ground_truth, mode=mode, shortlist_size=SHORTLIST)
             assert ranks["hard"][:, 0].tolist() == list(range(len(imlist)))
 
@@ -382,10 +280,8 @@ def test_missing_images_and_bad_settings(world):
         missing_query = dict(ground_truth, qimlist=["query0", "query9"], gnd=ground_truth["gnd"][:2])
         with pytest.raises(InputError, match=r"1 query image\(s\) have no features in .*query\.h5, e\.g\. 'query9'"):
             retrieve_gt(queries, index, missing_query)
-        with pytest.raises(InputError, match="mode: 'slow' is not one of asmk, fast, exhaustive"):
-            retrieve_gt(queries, index, ground_truth, mode="slow")
-        with pytest.raises(InputError, match="num_neighbors must be >= 1"):
-            retrieve_gt(queries, index, ground_truth, num_neighbors=0)
+        with pytest.raises(InputError, match="mode: 'fast' is not one of asmk, exhaustive"):
+            retrieve_gt(queries, index, ground_truth, mode="fast")
         with pytest.raises(InputError, match="max_trials must be at least 1"):
             retrieve_gt(queries, index, ground_truth, max_trials=0)
         with pytest.raises(InputError, match="codebook_size must be >= 0"):

@@ -1,4 +1,9 @@
-"""The `fast` mode's index: every database descriptor in one faiss index, and descriptor votes for images.
+"""The former `fast` retrieval mode's shortlist, kept as the benchmarks' baseline: every database
+descriptor in one faiss index, and descriptor votes for images.
+
+Removed from the library (src/retrieval) because the asmk mode beat it at every measured size
+on per-query time and memory (bench/retrieval.py, bench/retrieval_scale.py; README), with the
+same positives found. Unchanged otherwise:
 
 Up to EXACT_SEARCH_MAX_ROWS descriptors the search is exact (faiss.IndexFlatL2); beyond, an
 inverted file (faiss.IndexIVFFlat: k-means cells, each query descriptor compared exactly with the
