@@ -24,6 +24,7 @@ modes measured in the same run are the stable part.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     write_store(store_path, database, sizes[-1])
     queries = [database.query(q) for q in range(args.queries)]
     rng = np.random.default_rng(args.seed + 1)
+    print(f"load average (1, 5, 15 min) at start: {os.getloadavg()} on {os.cpu_count()} cores")
     print(f"synthetic database in {store_path}: {NUM_FEATURES} features x {DIM}-D per image, "
           f"{POSITIVES_PER_QUERY} positives per query, {args.queries} queries, shortlist {args.shortlist_size}")
     print(f"{'images':>7} {'mode':>10} {'build s':>8} {'bytes/image':>11} {'search ms':>9} {'read s':>7} "
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"   (extrapolated: {1e3 * batched:.2f} ms per pair batched, {1e3 * single:.2f} per pair alone)")
     print("read s: the shortlisted images' features read from the feature store; rerank s: batched matching; "
           "per-pair: one match_features per pair (the same results)")
+    print(f"load average at the end: {os.getloadavg()}")
     largest = sizes[-1]
     search, rerank, total, bytes_per_image, found = results[largest, "asmk"]
     exhaustive_found = results[largest, "exhaustive"][4]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import statistics
 import sys
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="retrieval_scale_"))
     index_dir = work_dir / "synthetic.asmk"
     rng = np.random.default_rng(args.seed + 1)
+    print(f"load average (1, 5, 15 min) at start: {os.getloadavg()} on {os.cpu_count()} cores")
     print(f"synthetic database: {args.features} features x {DIM}-D per image, {POSITIVES_PER_QUERY} positives per "
           f"query, {args.queries} queries, shortlist {args.shortlist_size}; sizes {sizes}")
     match_features_batch([queries[0]], queries[-1])  # warm-up
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
 
+    print(f"load average at the end: {os.getloadavg()}")
     print_summary(rows, args, pair_seconds)
 
 

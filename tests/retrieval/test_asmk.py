@@ -361,3 +361,15 @@ def test_store_source_reads_several_feature_stores(tmp_path, source):
     np.testing.assert_array_equal(index.codebook.centroids, reference.codebook.centroids)
     np.testing.assert_allclose(index.scores(source.images["image004"]), reference.scores(source.images["image004"]))
     assert index_path_for(paths[0]) == tmp_path / "worker0.h5.asmk"
+
+
+def test_feature_less_images_are_indexed_without_entries(tmp_path, source):
+    codebook = build_index(tmp_path / "whole", source, source.ids(), codebook_size=16).codebook
+    empties = [i for i in source.ids() if not len(source.images[i])]
+    index = AsmkIndex.create(tmp_path / "empty", codebook)
+    index.add(source, empties[:2])
+    index.add(source, empties[2:])
+    index.merge()  # two segments without a single entry
+    reopened = AsmkIndex.open(tmp_path / "empty")
+    assert reopened.image_ids == empties and len(reopened.segments) == 1
+    assert reopened.scores(source.images["image000"]).tolist() == [0.0] * len(empties)
