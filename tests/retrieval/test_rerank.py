@@ -255,6 +255,25 @@ def test_batched_verification_ranks_equal_per_pair_verification(world, monkeypat
             np.testing.assert_array_equal(ranks[protocol], batched[protocol])
 
 
+def test_asmk_index_beside_the_store_is_reused_for_any_database_subset(world, asmk_ranks):
+    index_dir = world["dir"] / "index.h5.asmk"
+    before = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
+    np.testing.assert_array_equal(run(world, mode="asmk", shortlist_size=SHORTLIST)["medium"], asmk_ranks["medium"])
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == before  # reused, not rewritten
+    # a database of part of the indexed images, in another order: ranks cover exactly that part
+    imlist = world["ground_truth"]["imlist"]
+    kept = sorted((i for i, name in enumerate(imlist) if not name.startswith("other")), reverse=True)
+    new_index = {old: new for new, old in enumerate(kept)}
+    gnd = [{role: [new_index[i] for i in entry[role]] for role in ("easy", "hard", "junk")} | {"bbx": entry["bbx"]}
+           for entry in world["ground_truth"]["gnd"]]
+    subset = dict(world["ground_truth"], imlist=[imlist[i] for i in kept], gnd=gnd)
+    with FeatureStore(world["dir"] / "query.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
+        ranks = retrieve_gt(queries, index, subset, mode="asmk", shortlist_size=SHORTLIST)
+    assert ranks["medium"].shape == (len(kept), NUM_QUERY_SCENES)
+    assert evaluate(ranks["medium"], subset)["protocols"]["medium"]["mAP"] == pytest.approx(1.0)
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == before
+
+
 def test_zero_feature_images(world, tmp_path, asmk_ranks, exhaustive_ranks):
     imlist = world["ground_truth"]["imlist"]
     blank = imlist.index("blank")
@@ -326,7 +345,7 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     arguments = [
         "--query_features", str(world["dir"] / "query.h5"), "--index_features", str(world["dir"] / "index.h5"),
         "--gt_path", str(gt_dir), "--images_path", str(images_dir), "--output_dir", str(output_dir),
-        f"--retrieval.shortlist_size={SHORTLIST}",
+        f"--retrieval.shortlist_size={SHORTLIST}", "--asmk_index", str(tmp_path / "asmk"),
     ]
     assert main(arguments) == 0
     names = sorted(p.name for p in output_dir.iterdir())
@@ -339,6 +358,7 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     assert "mAP=100.00" in (output_dir / "mAP.txt").read_text()
     log = (output_dir / "retrieval.log").read_text()
     assert "query query2:" in log and "wrote" in log and "medium" in capsys.readouterr().out
+    assert "ASMK index" in log and (tmp_path / "asmk" / "index.json").is_file()  # where --asmk_index says
 
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments[:3], str(tmp_path / "nope.h5"), *arguments[4:]])
