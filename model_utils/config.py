@@ -135,19 +135,23 @@ class MatchingConfig:
 class RetrievalConfig:
     """Ranking a database for each query: a shortlist re-ranked by RANSAC inliers, or RANSAC on every image."""
 
-    mode: str = field(default="fast", **_option("fast: vote shortlist + RANSAC re-ranking; exhaustive: RANSAC "
-                                                "against every database image (the reference)",
-                                                ("fast", "exhaustive")))
+    mode: str = field(default="asmk", **_option("asmk: DELF-ASMK* shortlist (index file beside the feature store) + "
+                                                "RANSAC re-ranking; exhaustive: RANSAC against every database "
+                                                "image (the reference)", ("asmk", "exhaustive")))
     shortlist_size: int = field(default=100, **_option("images re-ranked by RANSAC"))
-    num_neighbors: int = field(default=10, **_option("database neighbours each query descriptor votes for"))
+    codebook_size: int = field(default=0, **_option("asmk: visual words; 0 = 16 per database image as a power "
+                                                    "of two, at most 65536"))
+    query_assignments: int = field(default=5, **_option("asmk: visual words each query descriptor is assigned to"))
 
     def __post_init__(self) -> None:
         _check_choices(self)
         problems = []
         if self.shortlist_size < 0:
             problems.append(f"shortlist_size must be >= 0, got {self.shortlist_size}")
-        if self.num_neighbors < 1:
-            problems.append(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.codebook_size < 0:
+            problems.append(f"codebook_size must be >= 0 (0 = chosen from the database size), got {self.codebook_size}")
+        if self.query_assignments < 1:
+            problems.append(f"query_assignments must be >= 1, got {self.query_assignments}")
         if problems:
             raise ConfigError("invalid retrieval settings: " + "; ".join(problems))
 

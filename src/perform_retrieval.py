@@ -2,7 +2,10 @@
 mAP.txt and metrics.json.
 
     python -m src.perform_retrieval --query_features Q.h5 --index_features I.h5 --gt_path GT \
-        --output_dir OUT [--images_path DIR] [--retrieval.mode=exhaustive] [--matching.engine=skimage]
+        --output_dir OUT [--images_path DIR] [--asmk_index DIR] [--retrieval.mode=exhaustive]
+
+The asmk mode (default) keeps its index in I.h5.asmk/ beside the store (built on first use,
+completed when images are added), or in --asmk_index.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images_path", default=None,
                         help="database image directory; its sorted names are the database (txt gt only)")
     parser.add_argument("--output_dir", required=True, help="where ranks_*.npy, mAP.txt and retrieval.log go")
+    parser.add_argument("--asmk_index", default="", help="ASMK index folder (default: <index_features>.asmk)")
     config, args = get_config_and_args(argv, parser)
     image_names = sorted(list_images(args.images_path)) if args.images_path else None
     if image_names is None and Path(args.gt_path).is_dir():
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 FeatureStore(require_store(args.index_features)) as index_store:
             ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
                              junk_by_protocol(ground_truth), settings=config.retrieval, matching=config.matching,
-                             seed=config.seed)
+                             seed=config.seed, asmk_index_dir=args.asmk_index or None)
         log.info("retrieval took %.1f s", time.perf_counter() - started)
         for path in save_ranks(ranks, output_dir):
             log.info("wrote %s", path)

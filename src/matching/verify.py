@@ -16,6 +16,7 @@ would fit them and count every point on that line as an inlier).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -30,6 +31,11 @@ from src.extraction.store import LocalFeatures
 
 ENGINES = ("opencv", "skimage")
 NN_METHODS = ("kdtree", "brute")
+# Largest block of descriptor products held at once in batched matching (4 MB of float32): one
+# 1000 x 1000 pair, or several smaller ones. Larger blocks measured slower (the products leave
+# the cache before the argmax reads them), and at DELF's 1000 x 1000 the product itself is the
+# cost, so batching mainly saves per-call overhead for images with fewer features.
+_BLOCK_ELEMENTS = 1 << 20
 
 # cv2 stops once it is this sure an all-inlier sample was drawn. skimage (as the reference
 # calls it) never stops early, so ask for near-certainty: with this value cv2 still runs all
@@ -59,27 +65,64 @@ def find_putative_matches(
     descriptor, kept when strictly closer than `distance_threshold`.
 
     `method` "kdtree" is the reference's cKDTree; "brute" finds the same exact nearest neighbours
-    with one matrix product, much faster for 1000 x 1000 descriptors in 40-D (where a KD-tree
-    prunes little), which is what retrieval re-ranking uses.
+    with one matrix product (find_putative_matches_batch with one image), much faster for
+    1000 x 1000 descriptors in 40-D (where a KD-tree prunes little).
     """
     if method not in NN_METHODS:
         raise InputError(f"nearest-neighbour method must be one of {', '.join(NN_METHODS)}, got {method!r}")
+    if method == "brute":
+        return find_putative_matches_batch([descriptors_1], descriptors_2, distance_threshold)[0]
     if len(descriptors_1) == 0 or len(descriptors_2) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    if method == "brute":
-        first = np.asarray(descriptors_1, dtype=np.float32)
-        second = np.asarray(descriptors_2, dtype=np.float32)
-        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
-        nearest = (second @ first.T - 0.5 * (first * first).sum(1)).argmax(axis=1)
-        difference = second.astype(np.float64) - first[nearest].astype(np.float64)
-        matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
-        return nearest[matched].astype(np.int64), np.flatnonzero(matched)
     tree = cKDTree(descriptors_1)
     _, nearest = tree.query(descriptors_2, k=1, distance_upper_bound=distance_threshold)
     # cKDTree reports "nothing within the bound" as index len(descriptors_1).
     matched = nearest < len(descriptors_1)
     return nearest[matched].astype(np.int64), np.flatnonzero(matched)
+
+
+def find_putative_matches_batch(
+    descriptors_1: Sequence[np.ndarray], descriptors_2: np.ndarray, distance_threshold: float = 0.8
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """find_putative_matches(d, descriptors_2, distance_threshold, "brute") for every d in
+    `descriptors_1` (e.g. the shortlisted database images against one query), from a few matrix
+    products instead of one per image: image-1 descriptors are stacked and multiplied with
+    descriptors_2 in blocks of at most _BLOCK_ELEMENTS products (at least one image a block).
+
+    Per image the arithmetic is the same as for the image alone (each product element is one
+    40-term dot product, each image's argmax runs over its own columns), so the matches are too.
+    """
+    second = np.ascontiguousarray(descriptors_2, dtype=np.float32)
+    firsts = [np.asarray(d, dtype=np.float32) for d in descriptors_1]
+    empty = np.zeros(0, dtype=np.int64)
+    results: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * len(firsts)
+    if len(second) == 0:
+        return results
+    block_rows = max(1, _BLOCK_ELEMENTS // len(second))
+    second_64 = second.astype(np.float64)
+    images = [i for i, first in enumerate(firsts) if len(first)]
+    start = 0
+    while start < len(images):
+        # Images whose rows fit one block (at least one image, however large).
+        stop, rows = start + 1, len(firsts[images[start]])
+        while stop < len(images) and rows + len(firsts[images[stop]]) <= block_rows:
+            rows += len(firsts[images[stop]])
+            stop += 1
+        block = [firsts[i] for i in images[start:stop]]
+        stacked = np.concatenate(block) if len(block) > 1 else block[0]
+        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
+        gain = second @ stacked.T
+        gain -= 0.5 * (stacked * stacked).sum(1)
+        column = 0
+        for image, first in zip(images[start:stop], block, strict=True):
+            nearest = gain[:, column : column + len(first)].argmax(axis=1)
+            column += len(first)
+            difference = second_64 - first[nearest].astype(np.float64)
+            matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
+            results[image] = (nearest[matched].astype(np.int64), np.flatnonzero(matched))
+        start = stop
+    return results
 
 
 def _spans_plane(points: np.ndarray) -> bool:
@@ -166,6 +209,40 @@ def match_features(
     Fewer than `min_samples` + 1 putative matches give 0 inliers without running RANSAC.
     """
     _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples)
+    _check_pair(features_1, features_2)
+    index_1, index_2 = find_putative_matches(
+        np.asarray(features_1.descriptors), np.asarray(features_2.descriptors), distance_threshold, nn_method
+    )
+    return _verify(features_1, features_2, index_1, index_2, residual_threshold, max_trials, min_samples, seed, engine)
+
+
+def match_features_batch(
+    features_1: Sequence[LocalFeatures],
+    features_2: LocalFeatures,
+    *,
+    distance_threshold: float = 0.8,
+    residual_threshold: float = 20.0,
+    max_trials: int = 1000,
+    min_samples: int = 3,
+    seed: int = 0,
+    engine: str = "opencv",
+) -> list[MatchResult]:
+    """match_features(f, features_2, nn_method="brute", ...) for every f in `features_1` (e.g. the
+    shortlisted database images and the query), with the putative matches of all pairs from
+    find_putative_matches_batch; each pair's RANSAC is then run as for the pair alone."""
+    _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples)
+    for features in features_1:
+        _check_pair(features, features_2)
+    putative = find_putative_matches_batch(
+        [np.asarray(f.descriptors) for f in features_1], np.asarray(features_2.descriptors), distance_threshold
+    )
+    return [
+        _verify(features, features_2, index_1, index_2, residual_threshold, max_trials, min_samples, seed, engine)
+        for features, (index_1, index_2) in zip(features_1, putative, strict=True)
+    ]
+
+
+def _check_pair(features_1: LocalFeatures, features_2: LocalFeatures) -> None:
     _check_features(features_1, "image 1 features")
     _check_features(features_2, "image 2 features")
     descriptors_1, descriptors_2 = np.asarray(features_1.descriptors), np.asarray(features_2.descriptors)
@@ -175,7 +252,9 @@ def match_features(
             f"image 2 has {descriptors_2.shape[1]}-D (features from different extraction settings?)"
         )
 
-    index_1, index_2 = find_putative_matches(descriptors_1, descriptors_2, distance_threshold, nn_method)
+
+def _verify(features_1, features_2, index_1, index_2, residual_threshold, max_trials, min_samples, seed, engine):
+    """Affine RANSAC on the putative matches (index_1[k], index_2[k])."""
     locations_1 = np.asarray(features_1.locations, dtype=np.float64)[index_1]
     locations_2 = np.asarray(features_2.locations, dtype=np.float64)[index_2]
     num_putative = len(index_1)

@@ -1,14 +1,17 @@
-"""Landmark retrieval over stored DELF features: a voting shortlist re-ranked by RANSAC, or exhaustive RANSAC.
+"""Landmark retrieval over stored DELF features: a shortlist re-ranked by RANSAC, or exhaustive RANSAC.
 
-Both modes rank every database image for every query and return revisitop's `ranks` layout
+Every mode ranks every database image for every query and returns revisitop's `ranks` layout
 (database size x number of queries, column i = ranking of query i) for each protocol.
 
-- fast (default): votes of the query's descriptors (src/retrieval/index.py) give a shortlist of
-  `shortlist_size` images, verified with match_features (affine RANSAC); ALL images are then
-  sorted by (inliers, votes), as the TF reference's RerankByGeometricVerification does.
-- exhaustive: match_features against every database image, as the reference's perform_retrieval
-  does (one RANSAC per database image and query, which is what makes it take hours); sorted by
-  (inliers, putative matches, database order).
+- asmk (default): DELF-ASMK* similarity (src/retrieval/asmk.py) from an index file beside the
+  database feature store (`<store>.asmk`, built on first use, completed when images are added,
+  memory-mapped) gives a shortlist of `shortlist_size` images, verified with RANSAC; ALL images
+  are then sorted by (inliers, similarity), as the TF reference's RerankByGeometricVerification.
+- exhaustive: RANSAC against every database image, as the reference's perform_retrieval does;
+  sorted by (inliers, putative matches, database order).
+
+Verification of one query against many images takes the putative matches of all of them from a
+few matrix products (match_features_batch); results equal matching each pair alone.
 
 Junk: as in the TF reference, the protocol's junk images are skipped when the shortlist is taken,
 so the verified top holds `shortlist_size` images that count. Junk differs between the easy,
@@ -22,6 +25,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,10 +36,20 @@ from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
 from model_utils.files import atomic_output
 from src.extraction.store import FeatureStore, LocalFeatures
-from src.matching.verify import match_features
-from src.retrieval.index import build_descriptor_index, vote_scores
+from src.matching.verify import match_features_batch
+from src.retrieval.inverted_file import StoreSource, index_path_for, open_or_build_index
 
 LOGGER = logging.getLogger("delf.retrieval")
+# Database images whose features are kept between queries in asmk mode (~180 KB each at 1000 x
+# 40-D): shortlists of related queries overlap.
+FEATURE_CACHE_IMAGES = 1024
+
+
+def shortlist(initial_scores: np.ndarray, junk: np.ndarray | Sequence[int], shortlist_size: int) -> np.ndarray:
+    """The `shortlist_size` best-scoring non-junk database indices, best first (ties: database order)."""
+    initial_scores = np.asarray(initial_scores, dtype=np.float64)
+    initial_order = np.lexsort((np.arange(len(initial_scores)), -initial_scores))
+    return initial_order[~np.isin(initial_order, np.asarray(junk, dtype=np.int64))][:shortlist_size]
 
 
 def rerank_by_inliers(
@@ -51,12 +65,10 @@ def rerank_by_inliers(
     RerankByGeometricVerification).
     """
     initial_scores = np.asarray(initial_scores, dtype=np.float64)
-    positions = np.arange(len(initial_scores))
-    initial_order = np.lexsort((positions, -initial_scores))
-    candidates = initial_order[~np.isin(initial_order, np.asarray(junk, dtype=np.int64))][:shortlist_size]
+    candidates = shortlist(initial_scores, junk, shortlist_size)
     inliers = np.zeros(len(initial_scores))
     inliers[candidates] = [count_inliers(int(image)) for image in candidates]
-    return np.lexsort((positions, -initial_scores, -inliers))
+    return np.lexsort((np.arange(len(initial_scores)), -initial_scores, -inliers))
 
 
 def _require_stored(store: FeatureStore, names: Sequence[str], role: str) -> None:
@@ -67,39 +79,41 @@ def _require_stored(store: FeatureStore, names: Sequence[str], role: str) -> Non
         raise InputError(f"{len(missing)} {role} image(s) have no features in {store.path}, e.g. {missing[0]!r}{also}")
 
 
-def _stack_descriptors(features: list[LocalFeatures], store_path: Path) -> tuple[np.ndarray, list[LocalFeatures]]:
-    """All descriptors in one array, and the features with their descriptors as views into it
-    (so the per-image copies can be freed)."""
-    counts = [len(f.descriptors) for f in features]
-    present = [f.descriptors for f, count in zip(features, counts, strict=True) if count]
-    sizes = sorted({d.shape[1] for d in present})
-    if len(sizes) > 1:
-        raise InputError(f"database descriptors in {store_path} have different sizes {sizes} (mixed extractions?)")
-    stacked = np.concatenate(present).astype(np.float32, copy=False) if present else np.zeros((0, 1), np.float32)
-    ends = np.cumsum(counts)
-    views = [
-        f._replace(descriptors=stacked[end - count : end]) if count else f
-        for f, count, end in zip(features, counts, ends, strict=True)
-    ]
-    return stacked, views
+class _FeatureCache:
+    """Database features read from the store on demand, the most recently used kept."""
+
+    def __init__(self, store: FeatureStore, names: Sequence[str], capacity: int) -> None:
+        self.store, self.names, self.capacity = store, names, capacity
+        self.cached: OrderedDict[int, LocalFeatures] = OrderedDict()
+
+    def __getitem__(self, image: int) -> LocalFeatures:
+        if image in self.cached:
+            self.cached.move_to_end(image)
+        else:
+            self.cached[image] = self.store.get(self.names[image])
+            if len(self.cached) > self.capacity:
+                self.cached.popitem(last=False)
+        return self.cached[image]
 
 
-class _InlierCache:
-    """RANSAC results of one query against database images, computed once per image."""
+class _Verifier:
+    """RANSAC results of one query against database images, each image verified once."""
 
-    def __init__(self, query: LocalFeatures, index_features: list[LocalFeatures], match_settings: dict) -> None:
-        self.query, self.index_features, self.match_settings = query, index_features, match_settings
+    def __init__(self, query: LocalFeatures, features: Sequence[LocalFeatures] | _FeatureCache,
+                 match_settings: dict) -> None:
+        self.query, self.features, self.match_settings = query, features, match_settings
         self.results: dict[int, tuple[int, int]] = {}  # image -> (inliers, putative matches)
 
-    def __call__(self, image: int) -> tuple[int, int]:
-        if image not in self.results:
-            # Tree on the database image, queried with the query descriptors, as TF's MatchFeatures.
-            result = match_features(self.index_features[image], self.query, **self.match_settings)
-            self.results[image] = (result.num_inliers, result.num_putative)
-        return self.results[image]
+    def verify(self, images: Sequence[int] | np.ndarray) -> None:
+        """Verify the images not verified yet, all in one batch."""
+        todo = [int(image) for image in dict.fromkeys(np.asarray(images, dtype=np.int64).tolist())
+                if int(image) not in self.results]
+        if todo:
+            batch = match_features_batch([self.features[image] for image in todo], self.query, **self.match_settings)
+            self.results.update((image, (r.num_inliers, r.num_putative)) for image, r in zip(todo, batch, strict=True))
 
     def inliers(self, image: int) -> int:
-        return self(image)[0]
+        return self.results[image][0]
 
 
 def retrieve(
@@ -113,6 +127,7 @@ def retrieve(
     matching: MatchingConfig = MatchingConfig(),
     seed: int = 0,
     progress: bool = True,
+    asmk_index_dir: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Rank the database (`database_ids` in index_store) for every query (`query_ids` in query_store,
     features of the bbx crop).
@@ -120,57 +135,54 @@ def retrieve(
     `junk` maps each protocol to every query's junk database indices (ground_truth.junk_by_protocol).
     Returns {protocol: ranks}, ranks of shape (len(database_ids), len(query_ids)) with column i the
     0-based database indices for query i, best first. RANSAC runs once per verified (query, image) pair.
+    `asmk_index_dir`: where the asmk index lives (default: `<index store path>.asmk`).
     """
     mode, shortlist_size = settings.mode, settings.shortlist_size
     imlist, qimlist = list(database_ids), list(query_ids)
     protocols = list(junk)
     _require_stored(index_store, imlist, "database")
     _require_stored(query_store, qimlist, "query")
-    loading = tqdm(imlist, desc="load database features", unit="image", leave=False, disable=not progress)
-    index_features = [index_store.get(name) for name in loading]
 
-    index = None
-    if mode == "fast":
-        started = time.perf_counter()
-        stacked, index_features = _stack_descriptors(index_features, index_store.path)
-        index = build_descriptor_index(stacked, [len(f.descriptors) for f in index_features], seed=seed)
-        # For "ivf" the index holds its own cell-ordered copy of the descriptors; index_features
-        # keep views into `stacked` for RANSAC, so a large database is held twice.
-        LOGGER.info(
-            "indexed %d descriptors of %d images (%s) in %.1f s",
-            len(index.descriptors), len(imlist), index.method, time.perf_counter() - started,
-        )
+    started = time.perf_counter()
+    if mode == "asmk":
+        index_dir = Path(asmk_index_dir) if asmk_index_dir else index_path_for(index_store.path)
+        index = open_or_build_index(index_dir, StoreSource([index_store]), imlist,
+                                    codebook_size=settings.codebook_size, seed=seed, progress=progress)
+        number_of_image = np.array([index.number_of[name] for name in imlist], dtype=np.int64)
+        LOGGER.info("ASMK index %s: %d images, %d words, %.1f MB, ready in %.1f s", index_dir,
+                    len(index.image_ids), index.codebook.size, index.num_bytes() / 2**20, time.perf_counter() - started)
+        features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)
+    else:
+        loading = tqdm(imlist, desc="load database features", unit="image", leave=False, disable=not progress)
+        features = [index_store.get(name) for name in loading]
 
-    match_settings = {
-        **dataclasses.asdict(matching), "seed": seed,
-        # The reference's KD-tree for parity; the same exact neighbours by matrix product when fast.
-        "nn_method": "kdtree" if mode == "exhaustive" else "brute",
-    }
+    match_settings = {**dataclasses.asdict(matching), "seed": seed}
     ranks = {p: np.empty((len(imlist), len(qimlist)), dtype=np.int64) for p in protocols}
     positions = np.arange(len(imlist))
     for column, query_name in enumerate(tqdm(qimlist, desc=f"retrieve ({mode})", unit="query", disable=not progress)):
         started = time.perf_counter()
         query = query_store.get(query_name)
-        verified = _InlierCache(query, index_features, match_settings)  # shared by the protocols
+        verifier = _Verifier(query, features, match_settings)  # shared by the protocols
         if mode == "exhaustive":
-            pairs = tqdm(positions, desc=query_name, unit="image", leave=False, disable=not progress)
-            counts = np.array([verified(image) for image in pairs], dtype=np.int64).reshape(-1, 2)
+            verifier.verify(positions)
+            counts = np.array([verifier.results[image] for image in positions], dtype=np.int64).reshape(-1, 2)
             order = np.lexsort((positions, -counts[:, 1], -counts[:, 0]))
             for protocol in protocols:
                 ranks[protocol][:, column] = order
         else:
-            scores = vote_scores(index, query.descriptors, num_neighbors=settings.num_neighbors,
-                                 distance_threshold=matching.distance_threshold)
+            scores = index.scores(query.descriptors, settings.query_assignments)[number_of_image]
+            verifier.verify(np.concatenate(
+                [shortlist(scores, junk[protocol][column], shortlist_size) for protocol in protocols] or [[]]))
             for protocol in protocols:
                 ranks[protocol][:, column] = rerank_by_inliers(
-                    scores, junk[protocol][column], shortlist_size, verified.inliers
+                    scores, junk[protocol][column], shortlist_size, verifier.inliers
                 )
         if len(imlist) and protocols:
             best = int(ranks[protocols[-1]][0, column])
             LOGGER.info(
                 "query %s: %d features, %d pairs verified, top %s (%d inliers), %.2f s",
-                query_name, len(query.descriptors), len(verified.results), imlist[best],
-                verified.results.get(best, (0, 0))[0], time.perf_counter() - started,
+                query_name, len(query.descriptors), len(verifier.results), imlist[best],
+                verifier.results.get(best, (0, 0))[0], time.perf_counter() - started,
             )
     return ranks
 

@@ -3,8 +3,8 @@
 The database is built from the real photos in the test data's images/ (the Sacre-Coeur set, an
 Oxford query and its positive, unrelated photos). Weights are random, so the checks are ones
 that hold for any weights: each query's bbx is a stride-aligned crop of a database image, which
-therefore comes first; fast and exhaustive retrieval agree on the top results; both gt formats
-give the same ranking; mAP.txt has the reference's layout.
+therefore comes first; asmk (the default) and exhaustive retrieval agree on the top result of
+every query; both gt formats give the same ranking; mAP.txt has the reference's layout.
 """
 
 import json
@@ -98,11 +98,12 @@ def test_map_txt_in_reference_format(evaluated):
 def test_query_crop_finds_its_own_image_first_and_modes_agree(evaluated, database):
     output, _ = evaluated
     ground_truth = load_ground_truth(database["gt_dir"], database["imlist"])
-    fast = np.load(output / "ranks_medium.npy", allow_pickle=False)
-    assert fast.shape == (len(database["imlist"]), len(QUERIES))
-    assert all(sorted(column) == list(range(len(database["imlist"]))) for column in fast.T)
+    asmk = np.load(output / "ranks_medium.npy", allow_pickle=False)  # the default mode
+    assert asmk.shape == (len(database["imlist"]), len(QUERIES))
+    assert all(sorted(column) == list(range(len(database["imlist"]))) for column in asmk.T)
     for column, query in enumerate(ground_truth["qimlist"]):
-        assert database["imlist"][fast[0, column]] == query
+        assert database["imlist"][asmk[0, column]] == query
+    assert (output / "features" / "index_features.h5.asmk" / "index.json").is_file()  # beside the store
     with FeatureStore(output / "features" / "query_features.h5") as queries, \
             FeatureStore(output / "features" / "index_features.h5") as index:
         exhaustive = retrieve(queries, index, ground_truth["imlist"], ground_truth["qimlist"],
@@ -110,9 +111,9 @@ def test_query_crop_finds_its_own_image_first_and_modes_agree(evaluated, databas
                               progress=False)
         revisited_gt = load_ground_truth(database["pkl"])
         revisited = retrieve(queries, index, revisited_gt["imlist"], revisited_gt["qimlist"],
-                             junk_by_protocol(revisited_gt), settings=RetrievalConfig(mode="fast"), progress=False)
-    np.testing.assert_array_equal(exhaustive["medium"][0], fast[0])
-    np.testing.assert_array_equal(revisited["medium"], fast)
+                             junk_by_protocol(revisited_gt), settings=RetrievalConfig(mode="asmk"), progress=False)
+    np.testing.assert_array_equal(exhaustive["medium"][0], asmk[0])  # the same top-1 for every query
+    np.testing.assert_array_equal(revisited["medium"], asmk)
 
 
 def test_retrieval_script_one_line_errors(tmp_path, database, random_checkpoint):

@@ -417,3 +417,45 @@ def test_brute_force_neighbours_equal_the_kdtree():
         np.testing.assert_array_equal(kdtree[1], brute[1])
     with pytest.raises(InputError, match="nearest-neighbour method"):
         find_putative_matches(descriptors_1, descriptors_2, 0.8, "annoy")
+
+
+@pytest.mark.parametrize("block_elements", [1 << 22, 3000])  # one block / images split over many blocks
+def test_batched_putative_matches_equal_per_pair_matching(monkeypatch, block_elements):
+    monkeypatch.setattr(verify, "_BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(11)
+    query = unit_rows(rng.standard_normal((500, 40))).astype(np.float32)
+    database = []
+    for size in (300, 0, 1, 700, 50, 1000, 2):
+        related = query[rng.choice(500, size // 2)] + 0.08 * rng.standard_normal((size // 2, 40))
+        database.append(unit_rows(np.concatenate([related, rng.standard_normal((size - size // 2, 40))])))
+    for threshold in (0.6, 0.8):
+        batched = verify.find_putative_matches_batch(database, query, threshold)
+        assert len(batched) == len(database) and sum(len(pair[0]) for pair in batched) > 300
+        for descriptors, (index_1, index_2) in zip(database, batched, strict=True):
+            for method in ("kdtree", "brute"):
+                expected_1, expected_2 = find_putative_matches(descriptors, query, threshold, method)
+                np.testing.assert_array_equal(index_1, expected_1)
+                np.testing.assert_array_equal(index_2, expected_2)
+    no_query = verify.find_putative_matches_batch(database, query[:0])
+    assert [(len(index_1), len(index_2)) for index_1, index_2 in no_query] == [(0, 0)] * len(database)
+
+
+def test_batched_matching_equals_matching_each_pair(keypoints):
+    """match_features_batch: the same MatchResult as match_features for every pair."""
+    pairs = [make_pair(keypoints, num_true, num_false, seed)
+             for seed, (num_true, num_false) in enumerate([(120, 20), (0, 3), (40, 60), (10, 0)])]
+    query = pairs[0][1]
+    database = [pair[0] for pair in pairs] + [make_features(np.zeros((0, 2)), np.zeros((0, 40)))]
+    for engine in ENGINES:
+        batched = verify.match_features_batch(database, query, engine=engine, seed=3)
+        for features, result in zip(database, batched, strict=True):
+            expected = match_features(features, query, engine=engine, seed=3)
+            assert (result.num_inliers, result.num_putative) == (expected.num_inliers, expected.num_putative)
+            np.testing.assert_array_equal(result.inliers_1, expected.inliers_1)
+            np.testing.assert_array_equal(result.inliers_2, expected.inliers_2)
+            assert (result.transform is None) == (expected.transform is None)
+            if result.transform is not None:
+                np.testing.assert_array_equal(result.transform, expected.transform)
+    assert batched[0].num_inliers > 50 and batched[-1].num_putative == 0
+    with pytest.raises(InputError, match="descriptor sizes differ"):
+        verify.match_features_batch([make_features(np.zeros((2, 2)), np.ones((2, 8)))], query)

@@ -1,4 +1,4 @@
-"""Tests for src/perform_retrieval.py: neighbour search, voting, junk-aware re-ranking, both modes, the CLI.
+"""Tests for src/perform_retrieval.py: junk-aware re-ranking, asmk and exhaustive retrieval, the CLI.
 
 The feature stores are synthetic but built like a landmark database: a few "scenes" (pools of
 40-D unit descriptors at fixed places); database images and queries are random affine views of a
@@ -10,25 +10,19 @@ truth, so the protocols differ.
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 
-import src.retrieval.index as index_module
 import src.retrieval.rerank as rerank_module
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, protocol_ground_truth
 from src.evaluation.metrics import evaluate
 from src.extraction.store import FeatureStore, LocalFeatures
-from src.matching.verify import match_features
+from src.matching.verify import match_features, match_features_batch
 from src.perform_retrieval import main
-from src.retrieval.index import build_descriptor_index, find_neighbors, vote_scores
 from src.retrieval.rerank import rerank_by_inliers, retrieve, save_ranks
 
 DIM = 40
@@ -124,147 +118,13 @@ def run(world: dict, **settings) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fast_ranks(world) -> dict[str, np.ndarray]:
-    return run(world, mode="fast", shortlist_size=SHORTLIST)
+def asmk_ranks(world) -> dict[str, np.ndarray]:
+    return run(world, mode="asmk", shortlist_size=SHORTLIST)
 
 
 @pytest.fixture(scope="module")
 def exhaustive_ranks(world) -> dict[str, np.ndarray]:
     return run(world, mode="exhaustive")
-
-
-# ----------------------------------------------------------------------------------------------
-# Neighbour search and votes
-# ----------------------------------------------------------------------------------------------
-
-
-def kdtree_neighbors(database: np.ndarray, queries: np.ndarray, k: int, threshold: float) -> set:
-    """Independent reference: scipy's KD-tree with the same k and distance bound."""
-    distances, rows = cKDTree(database).query(queries, k=k, distance_upper_bound=threshold)
-    found = np.isfinite(distances)
-    query_ids = np.nonzero(found)[0]
-    return set(zip(query_ids.tolist(), rows[found].tolist(), strict=True))
-
-
-def clustered_descriptors(rng: np.random.Generator, count: int, centres: int = 30) -> np.ndarray:
-    """Unit descriptors around a few centres, so many pairs fall within 0.8 of each other."""
-    base = unit_rows(rng.normal(size=(centres, DIM)))
-    return unit_rows(base[rng.integers(0, centres, count)] + 0.1 * rng.normal(size=(count, DIM)))
-
-
-@pytest.mark.parametrize("block_elements", [1 << 24, 4096])  # one block / many blocks, pruned as they pile up
-def test_exact_search_matches_kdtree_reference(monkeypatch, block_elements):
-    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", block_elements)
-    rng = np.random.default_rng(1)
-    database, queries = clustered_descriptors(rng, 3000), clustered_descriptors(rng, 200)
-    index = build_descriptor_index(database, [1000, 0, 2000], method="exact")
-    for k, threshold in ((1, 0.8), (5, 0.8), (10, 0.6)):
-        query_ids, rows, distances = find_neighbors(index, queries, k, threshold)
-        found = set(zip(query_ids.tolist(), rows.tolist(), strict=True))
-        assert found == kdtree_neighbors(database, queries, k, threshold)
-        np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
-        assert np.bincount(query_ids, minlength=len(queries)).max() <= k
-    assert index.image_of_row[999] == 0 and index.image_of_row[1000] == 2
-
-
-def test_inverted_file_is_exact_when_every_cell_is_probed_and_close_otherwise():
-    rng = np.random.default_rng(2)
-    database, queries = clustered_descriptors(rng, 4000), clustered_descriptors(rng, 300)
-    reference = kdtree_neighbors(database, queries, 10, 0.8)
-    full = build_descriptor_index(database, [4000], method="ivf", num_cells=16, num_probes=16)
-    query_ids, rows, _ = find_neighbors(full, queries, 10, 0.8)
-    # ivf rows are grouped by cell; map them back to the caller's rows through the descriptors
-    original = {row.tobytes(): i for i, row in enumerate(database)}
-    mapped = [original[full.descriptors[row].tobytes()] for row in rows]
-    assert set(zip(query_ids.tolist(), mapped, strict=True)) == reference
-    probed = dataclasses.replace(full, num_probes=4)
-    query_ids, rows, distances = find_neighbors(probed, queries, 10, 0.8)
-    mapped = [original[probed.descriptors[row].tobytes()] for row in rows]
-    found = set(zip(query_ids.tolist(), mapped, strict=True))
-    assert len(found & reference) >= 0.8 * len(reference)
-    true_distances = np.linalg.norm(queries[query_ids] - probed.descriptors[rows], axis=1)
-    np.testing.assert_allclose(distances, true_distances, atol=1e-5)
-
-
-def test_votes_once_per_image_normalised_by_sqrt_of_its_size():
-    rng = np.random.default_rng(3)
-    anchor = unit_rows(rng.normal(size=(2, DIM)))
-    filler = unit_rows(rng.normal(size=(96, DIM)))
-    # image 0: 4 descriptors, three copies of anchor 0; image 1: none;
-    # image 2: anchor 1 + 96 unrelated + a near copy of anchor 0
-    image_0 = np.concatenate([anchor[[0, 0, 0]], unit_rows(rng.normal(size=(1, DIM)))])
-    image_2 = np.concatenate([anchor[[1]], filler, unit_rows(anchor[[0]] + 0.01 * rng.normal(size=(1, DIM)))])
-    index = build_descriptor_index(np.concatenate([image_0, image_2]), [4, 0, 98], method="exact")
-    scores = vote_scores(index, anchor, num_neighbors=10, distance_threshold=0.5)
-    # query 0 hits image 0 three times (one vote) and image 2 once; query 1 hits image 2 only
-    np.testing.assert_allclose(scores, [1 / np.sqrt(4), 0.0, 2 / np.sqrt(98)])
-    # k=1: query 0's nearest neighbours are the exact copies in image 0, so image 2 loses that vote
-    nearest = vote_scores(index, anchor, num_neighbors=1, distance_threshold=0.5)
-    np.testing.assert_allclose(nearest, [1 / np.sqrt(4), 0.0, 1 / np.sqrt(98)])
-    with pytest.raises(InputError, match="query descriptors are 8-D but the database's are 40-D"):
-        vote_scores(index, np.ones((2, 8), np.float32))
-
-
-def test_empty_inputs_give_no_votes():
-    index = build_descriptor_index(np.zeros((0, DIM), np.float32), [0, 0], method="auto")
-    assert vote_scores(index, unit_rows(np.ones((3, DIM)))).tolist() == [0.0, 0.0]
-    index = build_descriptor_index(unit_rows(np.ones((2, DIM))), [2], method="ivf")
-    assert vote_scores(index, np.zeros((0, DIM), np.float32)).tolist() == [0.0]
-    with pytest.raises(InputError, match="adds up to 3, but there are 2 descriptors"):
-        build_descriptor_index(np.ones((2, DIM)), [3])
-    with pytest.raises(InputError, match="nearest-neighbour method"):
-        build_descriptor_index(np.ones((2, DIM)), [2], method="annoy")
-
-
-class FakeFaiss(types.ModuleType):
-    """faiss's documented search contract in NumPy (squared L2, -1 / huge distance for no result),
-    so the faiss branch is exercised where faiss is not installed."""
-
-    def __init__(self):
-        super().__init__("faiss")
-        self.__spec__ = importlib.machinery.ModuleSpec("faiss", None)
-        self.calls = []
-        fake = self
-
-        class IndexFlatL2:
-            def __init__(self, dim):
-                self.data, self.nprobe = np.zeros((0, dim), np.float32), 1
-                fake.calls.append(type(self).__name__)
-
-            def train(self, data):
-                fake.calls.append("train")
-
-            def add(self, data):
-                self.data = np.concatenate([self.data, data])
-
-            def search(self, queries, k):
-                squared = ((queries[:, None, :] - self.data[None]) ** 2).sum(-1)
-                rows = np.argsort(squared, axis=1)[:, :k]
-                distances = np.take_along_axis(squared, rows, axis=1)
-                missing = np.zeros((len(queries), k - rows.shape[1]))
-                return np.hstack([distances, missing + 3.4e38]), np.hstack([rows, missing - 1]).astype(np.int64)
-
-        class IndexIVFFlat(IndexFlatL2):
-            def __init__(self, quantizer, dim, cells):
-                super().__init__(dim)
-
-        self.IndexFlatL2, self.IndexIVFFlat = IndexFlatL2, IndexIVFFlat
-
-
-def test_faiss_branch_follows_the_faiss_contract(monkeypatch):
-    fake = FakeFaiss()
-    monkeypatch.setitem(sys.modules, "faiss", fake)
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_ROWS", 500)
-    rng = np.random.default_rng(4)
-    database, queries = clustered_descriptors(rng, 600), clustered_descriptors(rng, 50)
-    assert index_module.faiss_available()
-    index = build_descriptor_index(database, [300, 300])  # auto picks faiss when importable
-    assert index.method == "faiss" and fake.calls == ["IndexFlatL2", "IndexIVFFlat", "train"]
-    query_ids, rows, distances = find_neighbors(index, queries, 20, 0.7)
-    assert set(zip(query_ids.tolist(), rows.tolist(), strict=True)) == kdtree_neighbors(database, queries, 20, 0.7)
-    np.testing.assert_allclose(distances, np.linalg.norm(queries[query_ids] - database[rows], axis=1), atol=1e-5)
-    tiny = build_descriptor_index(database[:3], [3], method="faiss")  # fewer rows than k: padded with -1
-    assert len(find_neighbors(tiny, queries, 10, 2.5)[0]) == 3 * len(queries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +164,9 @@ def positives(world: dict, protocol: str) -> list[np.ndarray]:
     return [entry["ok"] for entry in protocol_ground_truth(world["ground_truth"]["gnd"], protocol)]
 
 
-def test_ranks_layout_is_a_permutation_per_query(world, fast_ranks, exhaustive_ranks):
+def test_ranks_layout_is_a_permutation_per_query(world, asmk_ranks, exhaustive_ranks):
     num_images, num_queries = len(world["ground_truth"]["imlist"]), len(world["ground_truth"]["qimlist"])
-    for ranks in (fast_ranks, exhaustive_ranks):
+    for ranks in (asmk_ranks, exhaustive_ranks):
         assert set(ranks) == set(PROTOCOLS)
         for protocol in PROTOCOLS:
             assert ranks[protocol].shape == (num_images, num_queries)
@@ -314,21 +174,20 @@ def test_ranks_layout_is_a_permutation_per_query(world, fast_ranks, exhaustive_r
             np.testing.assert_array_equal(np.sort(ranks[protocol], axis=0), np.arange(num_images)[:, None].repeat(3, 1))
 
 
-def test_fast_and_exhaustive_agree_and_rank_positives_first(world, fast_ranks, exhaustive_ranks):
+def test_asmk_and_exhaustive_agree_and_rank_positives_first(world, asmk_ranks, exhaustive_ranks):
     ok = positives(world, "medium")
     for query in range(NUM_QUERY_SCENES):
         # every view of the query scene (easy, hard and junk views alike) has many inliers
         scene_views = len(ROLES)
-        top_fast = set(fast_ranks["medium"][:scene_views, query].tolist())
         top_exhaustive = set(exhaustive_ranks["medium"][:scene_views, query].tolist())
-        assert top_exhaustive == top_fast
+        assert set(asmk_ranks["medium"][:scene_views, query].tolist()) == top_exhaustive
         junk = protocol_ground_truth(world["ground_truth"]["gnd"], "medium")[query]["junk"]
-        assert top_fast == set(ok[query].tolist()) | set(junk.tolist())
-    for ranks in (fast_ranks, exhaustive_ranks):
+        assert top_exhaustive == set(ok[query].tolist()) | set(junk.tolist())
+    for ranks in (asmk_ranks, exhaustive_ranks):
         results = evaluate(ranks["medium"], world["ground_truth"])
         assert results["protocols"]["medium"]["mAP"] == pytest.approx(1.0)
     for protocol in PROTOCOLS:  # each protocol's own ranking is perfect for that protocol
-        assert evaluate(fast_ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
+        assert evaluate(asmk_ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
 
 
 def test_exhaustive_orders_by_inliers_then_putative_matches(world, exhaustive_ranks):
@@ -342,59 +201,90 @@ def test_exhaustive_orders_by_inliers_then_putative_matches(world, exhaustive_ra
         np.testing.assert_array_equal(exhaustive_ranks[protocol][:, 1], expected)
 
 
-def test_junk_is_skipped_by_the_shortlist_per_protocol(world, fast_ranks, exhaustive_ranks):
+def test_junk_is_skipped_by_the_shortlist_per_protocol(world, asmk_ranks, exhaustive_ranks):
     gnd, imlist = world["ground_truth"]["gnd"], world["ground_truth"]["imlist"]
     query = 0
     hard_view, easy_views = gnd[query]["hard"][0], gnd[query]["easy"]
     assert match_features(world["database"][imlist[hard_view]], world["queries"]["query0"]).num_inliers > 20
-    position = {p: int(np.flatnonzero(fast_ranks[p][:, query] == hard_view)[0]) for p in PROTOCOLS}
-    # easy protocol: the hard view is junk, so it is not verified and falls behind the verified
-    # images with inliers (the two easy views), although its inliers would have put it on top
-    easy_positions = [int(np.flatnonzero(fast_ranks["easy"][:, query] == e)[0]) for e in easy_views]
-    assert max(easy_positions) == 1 and position["easy"] >= 2
-    # medium and hard protocols: it is a positive, verified and among the first
-    assert position["medium"] < 4 and position["hard"] < 2
+    for ranks in (asmk_ranks,):
+        position = {p: int(np.flatnonzero(ranks[p][:, query] == hard_view)[0]) for p in PROTOCOLS}
+        # easy protocol: the hard view is junk, so it is not verified and falls behind the verified
+        # images with inliers (the two easy views), although its inliers would have put it on top
+        easy_positions = [int(np.flatnonzero(ranks["easy"][:, query] == e)[0]) for e in easy_views]
+        assert max(easy_positions) == 1 and position["easy"] >= 2
+        # medium and hard protocols: it is a positive, verified and among the first
+        assert position["medium"] < 4 and position["hard"] < 2
+        assert not (ranks["easy"] == ranks["medium"]).all()
     # exhaustive verification knows no junk: the ranking is the same for every protocol
     assert all((exhaustive_ranks[p] == exhaustive_ranks["medium"]).all() for p in PROTOCOLS)
-    assert not (fast_ranks["easy"] == fast_ranks["medium"]).all()
 
 
-def test_ransac_runs_once_per_pair_across_protocols(world, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("mode", ["asmk", "exhaustive"])
+def test_each_query_is_verified_in_one_batch_each_pair_once(world, monkeypatch, mode):
+    batches = []
 
-    def counting_match(index_features, query_features, **settings):
-        calls.append((index_features.locations.tobytes(), query_features.locations.tobytes()))
-        return match_features(index_features, query_features, **settings)
+    def counting_batch(index_features, query_features, **settings):
+        batches.append([(f.locations.tobytes(), query_features.locations.tobytes()) for f in index_features])
+        return match_features_batch(index_features, query_features, **settings)
 
-    monkeypatch.setattr(rerank_module, "match_features", counting_match)
-    ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
+    monkeypatch.setattr(rerank_module, "match_features_batch", counting_batch)
+    ranks = run(world, mode=mode, shortlist_size=SHORTLIST)
+    num_queries, num_images = len(world["ground_truth"]["qimlist"]), len(world["ground_truth"]["imlist"])
+    assert len(batches) == num_queries
+    calls = [pair for batch in batches for pair in batch]
     assert len(calls) == len(set(calls))  # no pair verified twice
-    # each protocol needs SHORTLIST pairs per query; their shortlists overlap, so fewer calls
-    num_queries = len(world["ground_truth"]["qimlist"])
-    assert num_queries * SHORTLIST < len(calls) < len(PROTOCOLS) * num_queries * SHORTLIST
+    if mode == "exhaustive":
+        assert len(calls) == num_queries * num_images
+    else:
+        # each protocol needs SHORTLIST pairs per query; their shortlists overlap, so fewer calls
+        assert num_queries * SHORTLIST < len(calls) < len(PROTOCOLS) * num_queries * SHORTLIST
     for protocol in PROTOCOLS:
-        assert evaluate(ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"] == pytest.approx(1.0)
+        mean_ap = evaluate(ranks[protocol], world["ground_truth"])["protocols"][protocol]["mAP"]
+        assert mean_ap == pytest.approx(1.0) or mode == "exhaustive"
 
 
-def test_inverted_file_path_gives_the_same_retrieval(world, fast_ranks, monkeypatch):
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_ROWS", 0)  # force the large-index path
-    monkeypatch.setattr(index_module, "faiss_available", lambda: False)
-    ranks = run(world, mode="fast", shortlist_size=SHORTLIST)
-    for protocol in PROTOCOLS:
-        np.testing.assert_array_equal(ranks[protocol][: len(ROLES)], fast_ranks[protocol][: len(ROLES)])
+def test_batched_verification_ranks_equal_per_pair_verification(world, monkeypatch, asmk_ranks, exhaustive_ranks):
+    def per_pair(index_features, query_features, **settings):
+        # the reference's KD-tree, one pair at a time
+        return [match_features(f, query_features, nn_method="kdtree", **settings) for f in index_features]
+
+    monkeypatch.setattr(rerank_module, "match_features_batch", per_pair)
+    for mode, batched in (("asmk", asmk_ranks), ("exhaustive", exhaustive_ranks)):
+        ranks = run(world, mode=mode, shortlist_size=SHORTLIST)
+        for protocol in PROTOCOLS:
+            np.testing.assert_array_equal(ranks[protocol], batched[protocol])
 
 
-def test_zero_feature_images(world, tmp_path, fast_ranks, exhaustive_ranks):
+def test_asmk_index_beside_the_store_is_reused_for_any_database_subset(world, asmk_ranks):
+    index_dir = world["dir"] / "index.h5.asmk"
+    before = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
+    np.testing.assert_array_equal(run(world, mode="asmk", shortlist_size=SHORTLIST)["medium"], asmk_ranks["medium"])
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == before  # reused, not rewritten
+    # a database of part of the indexed images, in another order: ranks cover exactly that part
+    imlist = world["ground_truth"]["imlist"]
+    kept = sorted((i for i, name in enumerate(imlist) if not name.startswith("other")), reverse=True)
+    new_index = {old: new for new, old in enumerate(kept)}
+    gnd = [{role: [new_index[i] for i in entry[role]] for role in ("easy", "hard", "junk")} | {"bbx": entry["bbx"]}
+           for entry in world["ground_truth"]["gnd"]]
+    subset = dict(world["ground_truth"], imlist=[imlist[i] for i in kept], gnd=gnd)
+    with FeatureStore(world["dir"] / "query.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
+        ranks = retrieve_gt(queries, index, subset, mode="asmk", shortlist_size=SHORTLIST)
+    assert ranks["medium"].shape == (len(kept), NUM_QUERY_SCENES)
+    assert evaluate(ranks["medium"], subset)["protocols"]["medium"]["mAP"] == pytest.approx(1.0)
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == before
+
+
+def test_zero_feature_images(world, tmp_path, asmk_ranks, exhaustive_ranks):
     imlist = world["ground_truth"]["imlist"]
     blank = imlist.index("blank")
-    for ranks in (fast_ranks, exhaustive_ranks):
+    for ranks in (asmk_ranks, exhaustive_ranks):
         assert np.flatnonzero(ranks["medium"][:, 0] == blank)[0] >= len(ROLES)
     # a query without features: every score is 0, so the ranking is the database order
     with FeatureStore(tmp_path / "q.h5") as store:
         store.put("query0", empty_features(), image_size=(5, 5), settings_hash="synthetic")
     ground_truth = dict(world["ground_truth"], qimlist=["query0"], gnd=world["ground_truth"]["gnd"][:1])
     with FeatureStore(tmp_path / "q.h5") as queries, FeatureStore(world["dir"] / "index.h5") as index:
-        for mode in ("fast", "exhaustive"):
+        for mode in ("asmk", "exhaustive"):
             ranks = retrieve_gt(queries, index, ground_truth, mode=mode, shortlist_size=SHORTLIST)
             assert ranks["hard"][:, 0].tolist() == list(range(len(imlist)))
 
@@ -409,24 +299,26 @@ def test_missing_images_and_bad_settings(world):
         missing_query = dict(ground_truth, qimlist=["query0", "query9"], gnd=ground_truth["gnd"][:2])
         with pytest.raises(InputError, match=r"1 query image\(s\) have no features in .*query\.h5, e\.g\. 'query9'"):
             retrieve_gt(queries, index, missing_query)
-        with pytest.raises(InputError, match="mode: 'slow' is not one of fast, exhaustive"):
-            retrieve_gt(queries, index, ground_truth, mode="slow")
-        with pytest.raises(InputError, match="num_neighbors must be >= 1"):
-            retrieve_gt(queries, index, ground_truth, num_neighbors=0)
+        with pytest.raises(InputError, match="mode: 'fast' is not one of asmk, exhaustive"):
+            retrieve_gt(queries, index, ground_truth, mode="fast")
         with pytest.raises(InputError, match="max_trials must be at least 1"):
             retrieve_gt(queries, index, ground_truth, max_trials=0)
+        with pytest.raises(InputError, match="codebook_size must be >= 0"):
+            retrieve_gt(queries, index, ground_truth, codebook_size=-1)
+        with pytest.raises(InputError, match="query_assignments must be >= 1"):
+            retrieve_gt(queries, index, ground_truth, query_assignments=0)
 
 
-def test_save_ranks_round_trip(tmp_path, fast_ranks):
-    paths = save_ranks(fast_ranks, tmp_path / "out")
+def test_save_ranks_round_trip(tmp_path, asmk_ranks):
+    paths = save_ranks(asmk_ranks, tmp_path / "out")
     assert [p.name for p in paths] == [f"ranks_{p}.npy" for p in PROTOCOLS]
     for protocol, path in zip(PROTOCOLS, paths, strict=True):
-        np.testing.assert_array_equal(np.load(path, allow_pickle=False), fast_ranks[protocol])
+        np.testing.assert_array_equal(np.load(path, allow_pickle=False), asmk_ranks[protocol])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temp files
     with pytest.raises(InputError, match="unknown protocol 'medium_gv'"):
-        save_ranks({"medium_gv": fast_ranks["medium"]}, tmp_path)
+        save_ranks({"medium_gv": asmk_ranks["medium"]}, tmp_path)
     with pytest.raises(InputError, match="2-D integer array"):
-        save_ranks({"easy": fast_ranks["easy"].astype(float)}, tmp_path)
+        save_ranks({"easy": asmk_ranks["easy"].astype(float)}, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +345,7 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     arguments = [
         "--query_features", str(world["dir"] / "query.h5"), "--index_features", str(world["dir"] / "index.h5"),
         "--gt_path", str(gt_dir), "--images_path", str(images_dir), "--output_dir", str(output_dir),
-        f"--retrieval.shortlist_size={SHORTLIST}",
+        f"--retrieval.shortlist_size={SHORTLIST}", "--asmk_index", str(tmp_path / "asmk"),
     ]
     assert main(arguments) == 0
     names = sorted(p.name for p in output_dir.iterdir())
@@ -466,6 +358,7 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     assert "mAP=100.00" in (output_dir / "mAP.txt").read_text()
     log = (output_dir / "retrieval.log").read_text()
     assert "query query2:" in log and "wrote" in log and "medium" in capsys.readouterr().out
+    assert "ASMK index" in log and (tmp_path / "asmk" / "index.json").is_file()  # where --asmk_index says
 
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments[:3], str(tmp_path / "nope.h5"), *arguments[4:]])
