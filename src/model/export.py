@@ -17,6 +17,7 @@ from mindspore import Tensor, nn
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
+from src.model.network import Softplus
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 INPUT_SHAPES = ("auto", "dynamic", "static")
@@ -45,10 +46,17 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
     model.set_train(False)
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for target, example in targets:
-        with atomic_output(target, suffix=suffix) as temporary:
-            mindspore.export(model, example, file_name=str(temporary), file_format=file_format)
-        written.append(target)
+    softplus_cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Softplus)]
+    for cell in softplus_cells:
+        cell.for_onnx = file_format == "ONNX"
+    try:
+        for target, example in targets:
+            with atomic_output(target, suffix=suffix) as temporary:
+                mindspore.export(model, example, file_name=str(temporary), file_format=file_format)
+            written.append(target)
+    finally:
+        for cell in softplus_cells:
+            cell.for_onnx = False
     return written
 
 
