@@ -4,8 +4,8 @@ Measures, in one run, the extraction network (DelfModel "test" over an image's p
 what DelfExtractor runs per image) on
   - "mixed": N images of N different seeded random sizes (new sizes every round), and
   - "same":  N images of one size (the mean pixel count and aspect of the first mixed set),
-for these variants, each in its own persistent worker process (compiled graphs survive across
-rounds; oneDNN reads its ISA cap once per process):
+for these variants (default graph_dyn, pynative, torch), each in its own persistent worker process
+(compiled graphs survive across rounds; oneDNN reads its ISA cap once per process):
   - graph_dyn:    graph mode, input H and W declared free (src/model/shapes.py, the extraction
                   default): one compilation for every size;
   - graph_dyn_o1: the same with jit_level O1;
@@ -18,12 +18,15 @@ The first image of every workload and round is reported apart and left out of im
 warm-up on one extra size (where graph_dyn compiles) is reported as "warm-up".
 
 Then, with --prefetch-photos K > 0, the whole extraction (decode, pyramid, network, keypoints,
-store) of K real photos through extract_to_store, with and without the prefetch thread,
-alternated --prefetch-rounds times in the graph_dyn worker.
+store) of K real photos (downscaled to --max-side) through extract_to_store, with and without the
+prefetch thread, alternated --prefetch-rounds times in the graph_dyn worker. Last, each worker's
+peak resident memory: graph mode keeps buffers for every layer at the largest size it has seen.
 
     python bench/extract_throughput.py [--images 20] [--rounds 2] [--variants graph_dyn,pynative,torch]
-        [--min-side 300] [--max-side 1024] [--scales 0.25,0.3536,0.5,0.7071,1.0,1.4142,2.0] [--check]
+        [--min-side 300] [--max-side 640] [--scales 0.25,0.3536,0.5,0.7071,1.0,1.4142,2.0] [--check]
         [--prefetch-photos 6] [--prefetch-rounds 2]
+    python bench/extract_throughput.py --variants graph_dyn,graph_static --images 8   # static A/B
+    python bench/extract_throughput.py --variants graph_dyn,graph_dyn_o1 --images 8   # jit_level A/B
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "images"
 SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 VARIANTS = ("graph_dyn", "graph_dyn_o1", "graph_static", "pynative", "torch")
+DEFAULT_VARIANTS = ("graph_dyn", "pynative", "torch")  # the others hold much memory: run them in a pass of their own
 CHECK_SHAPES = ((120, 200), (257, 311), (401, 333), (640, 480))
 
 
@@ -153,14 +157,14 @@ def torch_network(weights_path: str):
     return run
 
 
-def pipeline_seconds(model, photos: list[str], depth: int, scales: list[float]) -> float:
+def pipeline_seconds(model, photos: list[str], depth: int, scales: list[float], max_side: int) -> float:
     """Seconds of extract_to_store over `photos` into a fresh store, with `depth` prefetched images."""
     from model_utils.config import ExtractionConfig
     from src.extraction.extractor import DelfExtractor, extract_to_store
     from src.extraction.store import FeatureStore
 
     extractor = DelfExtractor(model, ExtractionConfig(image_scales=tuple(scales), score_threshold=0.0,
-                                                      use_pca=False))
+                                                      use_pca=False, max_image_size=max_side))
     with tempfile.TemporaryDirectory() as folder:
         store = FeatureStore(Path(folder) / "features.h5")  # journal writes only: no compaction timed
         paths = {Path(photo).stem: Path(photo) for photo in photos}
@@ -205,13 +209,17 @@ def worker(variant: str, weights_path: str) -> None:
             np.savez(job["path"], **arrays)
             result = None
         elif job["cmd"] == "pipeline":
-            result = pipeline_seconds(model, job["photos"], job["depth"], job["scales"])
+            result = pipeline_seconds(model, job["photos"], job["depth"], job["scales"], job["max_side"])
+        elif job["cmd"] == "peak_memory":  # peak resident memory of this worker, GB
+            import resource
+
+            result = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         elif job["cmd"] == "prepare":  # decode + pyramid of each photo (what prefetching can hide)
             from model_utils.config import ExtractionConfig
             from src.extraction.images import load_image
             from src.extraction.pyramid import pyramid_inputs
 
-            config = ExtractionConfig(image_scales=tuple(job["scales"]))
+            config = ExtractionConfig(image_scales=tuple(job["scales"]), max_image_size=job["max_side"])
             result = []
             for photo in job["photos"]:
                 started = time.perf_counter()
@@ -296,8 +304,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the mixed sizes are new each round)")
     parser.add_argument("--scales", default=",".join(map(str, SCALES)), help="pyramid scales")
     parser.add_argument("--min-side", type=int, default=300, help="smallest image side of the mixed set")
-    parser.add_argument("--max-side", type=int, default=1024, help="largest image side of the mixed set")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--max-side", type=int, default=640,
+                        help="largest image side of the mixed set (graph mode holds ~7 GB at 640, ~15 GB at 1024)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--static-mixed-images", type=int, default=1,
                         help="images of new sizes run by graph_static per round (each compiles every level shape)")
     parser.add_argument("--check", action="store_true", help="compare the outputs of every variant first")
@@ -335,10 +344,13 @@ def main() -> None:
         warm_up = {name: w.ask(cmd="run", images=[(333, 444, 7)], scales=scales)[0] for name, w in workers.items()}
         results = run_rounds(workers, args, scales)
         pipeline = run_prefetch(workers, args, scales) if args.prefetch_photos > 0 else None
-        for w in workers.values():
+        memory = {}
+        for name, w in workers.items():
             if w.proc.poll() is None:
+                memory[name] = w.ask(cmd="peak_memory")
                 w.close()
     report(results, warm_up, pipeline, args, scales)
+    print("peak resident memory per worker: " + ", ".join(f"{name} {gb:.1f} GB" for name, gb in memory.items()))
 
 
 def workload_sizes(args, round_index: int) -> dict[str, list[tuple[int, int]]]:
@@ -393,13 +405,14 @@ def run_prefetch(workers: dict[str, Worker], args, scales: list[float]) -> dict 
     if not photos:
         print(f"prefetch A/B skipped: no photos in {PHOTOS}")
         return None
-    runner.ask(cmd="pipeline", photos=photos[:1], depth=0, scales=scales)  # warm-up
+    runner.ask(cmd="pipeline", photos=photos[:1], depth=0, scales=scales, max_side=args.max_side)  # warm-up
     seconds = {0: [], 1: []}
     for repeat in range(args.prefetch_rounds):
         for depth in ((0, 1) if repeat % 2 == 0 else (1, 0)):
-            seconds[depth].append(runner.ask(cmd="pipeline", photos=photos, depth=depth, scales=scales))
+            seconds[depth].append(runner.ask(cmd="pipeline", photos=photos, depth=depth, scales=scales,
+                                             max_side=args.max_side))
             print(f"pipeline prefetch {depth}: {seconds[depth][-1]:.1f} s for {len(photos)} photos", flush=True)
-    prepare = runner.ask(cmd="prepare", photos=photos, scales=scales)
+    prepare = runner.ask(cmd="prepare", photos=photos, scales=scales, max_side=args.max_side)
     return {"photos": len(photos), "seconds": seconds, "prepare": statistics.median(prepare)}
 
 
@@ -451,7 +464,8 @@ def report(results: dict, warm_up: dict, pipeline: dict | None, args, scales: li
               f"{'met' if value <= 1.2 else 'MISSED'}")
     if pipeline:
         off, on = (statistics.median(pipeline["seconds"][d]) for d in (0, 1))
-        print(f"whole extraction of {pipeline['photos']} photos (graph_dyn): prefetch off {off:.1f} s, on {on:.1f} s, "
+        print(f"whole extraction of {pipeline['photos']} photos at most {args.max_side} px (graph_dyn): "
+              f"prefetch off {off:.1f} s, on {on:.1f} s, "
               f"on/off {on / off:.3f} (runs {pipeline['seconds']}); decode + pyramid alone "
               f"{pipeline['prepare'] * 1000:.0f} ms per photo")
 

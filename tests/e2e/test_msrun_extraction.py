@@ -1,8 +1,8 @@
-"""msrun with 2 CPU workers: store shards whose union is the one-process extraction, bit for bit, and a
-killed rank that is rerun alone completes the set.
+"""scripts/run_distributed_extract.sh (msrun) with 2 CPU workers: store shards whose union is the
+one-process extraction, bit for bit, and a killed rank that is rerun alone completes the set.
 
 Graph mode (the default) with the network compiled once for every size: the images have several
-sizes. Multi-node runs are emulated on this machine with one msrun per "node" (--node_rank).
+sizes. Two machines are emulated on this one with one launcher per "node" (NODE_RANK).
 """
 
 import os
@@ -21,11 +21,10 @@ from src.extraction.store import open_store, shard_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(PROJECT_ROOT / "src" / "extract_feature.py")
+LAUNCHER = str(PROJECT_ROOT / "scripts" / "run_distributed_extract.sh")
 SETTINGS = ["--extraction.max_image_size=256", "--extraction.image_scales=[0.5,1.0]", "--extraction.use_pca=false",
             "--extraction.score_threshold=0", "--log_path="]
-# msrun starts the script with `python` from PATH: the interpreter running the tests comes first.
-ENV = {**os.environ, "GLOG_v": "3", "PYTHONUNBUFFERED": "1",
-       "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+ENV = {**os.environ, "GLOG_v": "3", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +56,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _msrun(images: Path, output: Path, log_dir: Path, port: int, node_rank: int | None = None) -> list[str]:
-    local = ["--local_worker_num=2"] if node_rank is None else ["--local_worker_num=1", f"--node_rank={node_rank}"]
-    return ["msrun", "--worker_num=2", *local, "--master_addr=127.0.0.1", f"--master_port={port}",
-            f"--log_dir={log_dir}", "--join=True", SCRIPT, "--images_path", str(images),
-            "--output_path", str(output), *SETTINGS]
+def _launch(images: Path, output: Path, log_dir: Path, port: int, node_rank: int | None = None) -> tuple[list, dict]:
+    """The launcher's command and environment: 2 workers here, or 1 of 2 as machine `node_rank`."""
+    env = {**ENV, "MASTER_PORT": str(port), "LOG_DIR": str(log_dir)}
+    if node_rank is not None:
+        env["NODE_RANK"] = str(node_rank)
+    local = "2" if node_rank is None else "1"
+    return ["bash", LAUNCHER, "2", local, str(images), str(output), *SETTINGS], env
 
 
 def _assert_same_features(path: Path, reference: Path) -> None:
@@ -76,8 +77,8 @@ def _assert_same_features(path: Path, reference: Path) -> None:
 
 def test_two_workers_write_disjoint_shards_equal_to_one_process(images, one_process, tmp_path):
     output = tmp_path / "features.h5"
-    done = subprocess.run(_msrun(images, output, tmp_path / "logs", _free_port()), cwd=PROJECT_ROOT, env=ENV,
-                          capture_output=True, text=True, check=False)
+    command, env = _launch(images, output, tmp_path / "logs", _free_port())
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
     logs = "".join(path.read_text() for path in sorted((tmp_path / "logs").glob("*.log")))
     assert done.returncode == 0, logs[-3000:]
     ids = open_store(one_process).image_ids()
@@ -93,17 +94,23 @@ def test_two_workers_write_disjoint_shards_equal_to_one_process(images, one_proc
 
 
 def _worker_of(launcher: subprocess.Popen) -> int | None:
-    """The pid of the extraction worker msrun started (not its scheduler or log tail)."""
+    """The pid of the extraction worker msrun started under `launcher` (not its scheduler or log tail)."""
+    parents, workers = {}, []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environment = (entry / "environ").read_bytes().split(b"\0")
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"MS_ROLE=MS_WORKER" in (entry / "environ").read_bytes().split(b"\0"):
+                workers.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
-        if parent == launcher.pid and b"MS_ROLE=MS_WORKER" in environment:
-            return int(entry.name)
+    for worker in workers:
+        ancestor = parents.get(worker)
+        while ancestor and ancestor != launcher.pid:
+            ancestor = parents.get(ancestor)
+        if ancestor == launcher.pid:
+            return worker
     return None
 
 
@@ -113,10 +120,10 @@ def test_a_killed_rank_rerun_alone_completes_the_set(images, one_process, tmp_pa
     output, port = tmp_path / "features.h5", _free_port()
     share = len(open_store(one_process).image_ids()[1::2])
     journal = shard_path(output, 1, 2).with_name(shard_path(output, 1, 2).name + ".journal")
-    node1 = subprocess.Popen(_msrun(images, output, tmp_path / "logs1", port, node_rank=1), cwd=PROJECT_ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node0 = subprocess.Popen(_msrun(images, output, tmp_path / "logs0", port, node_rank=0), cwd=PROJECT_ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command, env = _launch(images, output, tmp_path / "logs1", port, node_rank=1)
+    node1 = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command, env = _launch(images, output, tmp_path / "logs0", port, node_rank=0)
+    node0 = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 900
         while not (journal.is_dir() and any(journal.glob("*.npz"))):
@@ -137,8 +144,8 @@ def test_a_killed_rank_rerun_alone_completes_the_set(images, one_process, tmp_pa
     with open_store(output) as incomplete:  # rank 1's shard is a journal: the set opens, images are missing
         assert len(incomplete.image_ids()) == len(open_store(one_process).image_ids()) - share + done_before_rerun
 
-    rerun = subprocess.run(_msrun(images, output, tmp_path / "logs1_rerun", _free_port(), node_rank=1),
-                           cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, check=False)
+    command, env = _launch(images, output, tmp_path / "logs1_rerun", _free_port(), node_rank=1)
+    rerun = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
     log = (tmp_path / "logs1_rerun" / "worker_1.log").read_text()
     assert rerun.returncode == 0, log[-3000:]
     assert (f"rank 1 of 2: {share - done_before_rerun} images extracted, {done_before_rerun} already done"
