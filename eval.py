@@ -22,12 +22,15 @@ from model_utils.files import list_images, require_writable_dir
 from src.evaluation.ground_truth import PROTOCOLS, junk_by_protocol, load_ground_truth
 from src.evaluation.metrics import evaluate, format_metrics, write_metrics
 from src.extraction.dataset import build_feature_dataset, parse_devices
-from src.extraction.store import FeatureStore
+from src.extraction.sharding import add_shard_arguments, is_msrun_scheduler, resolve_shard
+from src.extraction.store import open_store
 from src.retrieval.rerank import load_ranks, retrieve, save_ranks
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    if is_msrun_scheduler():
+        return 0  # msrun runs this command as its scheduler too; the extraction ranks need none
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images_path", required=True, help="folder holding database and query images")
     parser.add_argument("--gt_path", required=True, help="Oxford/Paris gt txt folder, or gnd_*.pkl / .mat")
@@ -35,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="0", help="device ids for extraction, one worker each (e.g. 0,1)")
     parser.add_argument("--output_dir", default="eval_output", help="features, ranks, logs, mAP.txt")
     parser.add_argument("--ranks_dir", default="", help="only recompute the metrics from ranks saved here")
+    add_shard_arguments(parser)
     config, args = get_config_and_args(argv, parser)
+    shard = resolve_shard(args.rank_id, args.rank_size)  # under msrun: extract this rank's share, then stop
     output_dir = require_writable_dir(args.output_dir)
     extraction_log = output_dir / "extract_feature.log"
     setup_logging(extraction_log)
@@ -50,15 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         index_path, query_path, report = build_feature_dataset(
             args.images_path, ground_truth, output_dir / "features", config, args.ckpt_path,
-            parse_devices(args.devices), str(extraction_log))
+            parse_devices(args.devices), str(extraction_log), shard)
         failed = report.failed
         if failed:
             # A missing image would silently change every number below; stop with the list instead.
             raise InputError(f"{len(failed)} image(s) of the data set could not be extracted (listed in "
                              f"{output_dir / 'features'}/*.failures.txt), e.g. {next(iter(failed.values()))}")
+        if shard:
+            print(f"{shard}: features in {index_path} and {query_path}; when every rank has finished, run "
+                  "the same eval.py command without msrun to retrieve and score")
+            return 0
         with log_to_file("delf.retrieval", output_dir / "retrieval.log") as log:
             started = time.perf_counter()
-            with FeatureStore(query_path) as query_store, FeatureStore(index_path) as index_store:
+            with open_store(query_path) as query_store, open_store(index_path) as index_store:
                 ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
                                  junk_by_protocol(ground_truth), settings=config.retrieval,
                                  matching=config.matching, seed=config.seed)

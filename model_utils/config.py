@@ -193,6 +193,9 @@ class DelfConfig:
     need_profile: bool = field(**_option("run the MindSpore profiler"))
     log_interval: int = field(**_option("steps between loss log lines"))
     mode: str = field(**_option("MindSpore execution mode", ("graph", "pynative")))
+    graph_shapes: str = field(**_option("graph-mode extraction: dynamic = one compilation for every image size; "
+                                        "static = one per input shape (data sets of very few sizes)",
+                                        ("dynamic", "static")))
     amp_level: str = field(**_option("mixed precision level (Ascend/GPU; CPU trains in float32)",
                                      ("O0", "O1", "O2", "O3")))
     skip_bad_images: bool = field(**_option("exit 0 although some images could not be read (they are listed "

@@ -1,5 +1,8 @@
 """Inspect, compact or export a DELF HDF5 feature store (src/extraction/store.py).
 
+STORE may name a store extracted in shards (features.h5 for features.rank<r>-of-<N>.h5): the
+shards are then read as one store (`compact` compacts each).
+
     python -m src.feature_io {export,compact,list} STORE ...
 """
 
@@ -14,7 +17,7 @@ if __package__ in (None, ""):  # run as `python src/feature_io.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_utils.cli import cli_main  # noqa: E402
-from src.extraction.store import FeatureStore, export_npz, require_store  # noqa: E402
+from src.extraction.store import export_npz, open_store  # noqa: E402
 
 
 @cli_main
@@ -30,16 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("store", help="the feature store (.h5)")
     args = parser.parse_args(argv)
 
-    require_store(args.store)
+    open_store(args.store).close()  # a missing store: one line, whatever the command
     if args.command == "export":
         count = export_npz(args.store, args.output_dir)
         print(f"exported {count} images to {args.output_dir}")
     elif args.command == "compact":
-        with FeatureStore(args.store) as store:
+        with open_store(args.store) as store:
             store.compact()
             print(f"{args.store}: {len(store.image_ids())} images")
     else:
-        with FeatureStore(args.store) as store:
+        with open_store(args.store) as store:
             for image_id in store.image_ids():
                 attrs = store.attributes(image_id)
                 height, width = attrs["image_size"]

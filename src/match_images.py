@@ -22,7 +22,7 @@ from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import find_image, image_id, read_image_list, require_writable  # noqa: E402
 from src.extraction.images import load_image  # noqa: E402
-from src.extraction.store import FeatureStore, require_store  # noqa: E402
+from src.extraction.store import open_store  # noqa: E402
 from src.matching.draw import draw_matches  # noqa: E402
 from src.matching.verify import match_features  # noqa: E402
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         names = read_image_pair_list(args.list_images_path or "list_images.txt")
     require_writable(args.output_image, "output image")
     image_paths = [find_image(args.images_path, name) for name in names]
-    with FeatureStore(require_store(args.features_path)) as store:
+    with open_store(args.features_path) as store:  # a store or the shards of one
         features = [store.get(image_id(name)) for name in names]
 
     result = match_features(*features, **dataclasses.asdict(config.matching), seed=config.seed)

@@ -23,7 +23,7 @@ from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import list_images, require_writable_dir  # noqa: E402
 from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth  # noqa: E402
 from src.evaluation.metrics import evaluate, format_metrics, write_metrics  # noqa: E402
-from src.extraction.store import FeatureStore, require_store  # noqa: E402
+from src.extraction.store import open_store  # noqa: E402
 from src.retrieval.rerank import retrieve, save_ranks  # noqa: E402
 
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with log_to_file("delf.retrieval", output_dir / "retrieval.log") as log:
         log.info("settings: %s, %s, seed %d", config.retrieval, config.matching, config.seed)
         started = time.perf_counter()
-        with FeatureStore(require_store(args.query_features)) as query_store, \
-                FeatureStore(require_store(args.index_features)) as index_store:
+        with open_store(args.query_features) as query_store, open_store(args.index_features) as index_store:
             ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
                              junk_by_protocol(ground_truth), settings=config.retrieval, matching=config.matching,
                              seed=config.seed, asmk_index_dir=args.asmk_index or None)

@@ -6,16 +6,20 @@ scales (N,) = 1 / pyramid scale, attention (N,).
 
 A folder is extracted image by image into a resumable feature store; an image that cannot be
 read or processed is reported (and listed in `<store>.failures.txt`), never recorded as done,
-and never stops the others.
+and never stops the others. While the network runs on one image, one background thread decodes
+and resizes the next (a bounded queue: at most `prefetch` prepared images wait in memory).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from mindspore import Tensor
@@ -27,12 +31,14 @@ from model_utils.files import atomic_write_text
 from src.extraction.images import crop_to_box, load_image
 from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
-from src.extraction.pyramid import PyramidLevel, pyramid_inputs
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs
+from src.extraction.store import FAILURES_SUFFIX, FeatureStore, LocalFeatures
 from src.model.network import min_input_side
+from src.model.shapes import set_input_shapes
 
 LOGGER = logging.getLogger("delf.extract")
-FAILURES_SUFFIX = ".failures.txt"
+# Errors that fail one image and let the run go on (corrupt file, too large, a network failure on its sizes).
+IMAGE_ERRORS = (InputError, MemoryError, RuntimeError, ValueError)
 
 
 def empty_features(depth: int) -> LocalFeatures:
@@ -41,26 +47,43 @@ def empty_features(depth: int) -> LocalFeatures:
 
 
 class DelfExtractor:
-    """Runs the network over the pyramid of one image and turns the maps into LocalFeatures."""
+    """Runs the network over the pyramid of one image and turns the maps into LocalFeatures.
 
-    def __init__(self, model, config: ExtractionConfig, pca: PcaParameters | None = None) -> None:
-        self.model = model
+    In graph mode the network is compiled once for every image size (input_shapes 'dynamic',
+    src/model/shapes.py) unless input_shapes is 'static'.
+    """
+
+    def __init__(self, model, config: ExtractionConfig, pca: PcaParameters | None = None,
+                 input_shapes: str = "dynamic") -> None:
+        self.model = set_input_shapes(model, input_shapes)
         self.model.set_train(False)
         self.config = config
         self.pca = pca
         self.min_side = min_input_side(getattr(model, "backbone_name", "keras"))
 
-    def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:
-        """Attention and block3 maps of every usable scale; locations refer to `image`'s pixels."""
+    def inputs(self, image: np.ndarray, name: str = "") -> list[LevelInput]:
+        """The network input of every pyramid level (CPU work: resize, normalise)."""
+        return pyramid_inputs(image, self.config, name, self.min_side)
+
+    def run_network(self, inputs: Sequence[LevelInput]) -> list[PyramidLevel]:
+        """Attention and block3 maps of every level input."""
         levels = []
-        for level in pyramid_inputs(image, self.config, name, self.min_side):
+        for level in inputs:
             attention, features = self.model(Tensor(level.image))
             levels.append(PyramidLevel(level.scale, level.scale_yx, attention.asnumpy()[0, 0],
                                        features.asnumpy()[0]))
         return levels
 
+    def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:
+        """Attention and block3 maps of every usable scale; locations refer to `image`'s pixels."""
+        return self.run_network(self.inputs(image, name))
+
+    def features(self, inputs: Sequence[LevelInput], name: str = "") -> LocalFeatures:
+        """LocalFeatures of one image from its level inputs (`inputs`)."""
+        return features_from_levels(self.run_network(inputs), self.config, self.pca, name)
+
     def __call__(self, image: np.ndarray, name: str = "") -> LocalFeatures:
-        return features_from_levels(self.pyramid(image, name), self.config, self.pca, name)
+        return self.features(self.inputs(image, name), name)
 
 
 def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
@@ -107,31 +130,104 @@ class ExtractionReport:
         self.failed.update(other.failed)
 
 
+class PreparedImage(NamedTuple):
+    """One image ready for the network, or the error that stopped its preparation."""
+
+    image_id: str
+    path: Path
+    image_size: tuple[int, int] | None
+    inputs: list[LevelInput] | None
+    error: BaseException | None
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+_END = object()
+
+
+class _Crash(NamedTuple):
+    error: BaseException  # an unexpected error of the prefetch thread, raised again in the caller
+
+
+def prefetched(items: Iterable[_Item], prepare: Callable[[_Item], _Result], depth: int = 1) -> Iterator[_Result]:
+    """prepare(item) for every item, in order, computed by one background thread up to `depth` items
+    ahead (a bounded queue, so at most `depth` results wait in memory). depth 0: no thread."""
+    if depth <= 0:
+        yield from map(prepare, items)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(value) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(prepare(item)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            offer(_Crash(error))
+            return
+        offer(_END)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (value := ready.get()) is not _END:
+            if isinstance(value, _Crash):
+                raise value.error
+            yield value
+    finally:
+        stop.set()  # the consumer stopped (done, error, or abandoned): let the thread end
+        thread.join()
+
+
 def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extractor: DelfExtractor,
                      settings_hash: str, crops: Mapping[str, Sequence[float]] | None = None,
-                     progress: bool = True, progress_label: str = "extract") -> ExtractionReport:
+                     progress: bool = True, progress_label: str = "extract", prefetch: int = 1) -> ExtractionReport:
     """Extract every image not yet in `store` with these settings; resumable image by image.
 
     `crops` maps an image id to an [x1, y1, x2, y2] box to extract from (queries of the retrieval
     protocol); locations are then relative to the crop. An image that fails is logged and
     reported; the others go on. A full disk stops the run (what is stored stays stored).
+    `prefetch` images are decoded and resized ahead by a background thread while the network
+    runs (0: none).
     """
     report = ExtractionReport()
     todo = {image_id: path for image_id, path in image_paths.items() if not store.is_done(image_id, settings_hash)}
     report.skipped = len(image_paths) - len(todo)
-    for image_id, path in tqdm(todo.items(), desc=progress_label, unit="image", disable=not progress):
+
+    def prepare(item: tuple[str, Path]) -> PreparedImage:
+        image_id, path = item
         try:
             image = load_image(path)
             if crops and image_id in crops:
                 image = crop_to_box(image, crops[image_id])
-            features = extractor(image, name=str(path))
-        except (InputError, MemoryError, RuntimeError, ValueError) as error:
+            return PreparedImage(image_id, path, image.shape[:2], extractor.inputs(image, str(path)), None)
+        except IMAGE_ERRORS as error:
+            return PreparedImage(image_id, path, None, None, error)
+
+    for prepared in tqdm(prefetched(todo.items(), prepare, prefetch), total=len(todo), desc=progress_label,
+                         unit="image", disable=not progress):
+        image_id, path = prepared.image_id, prepared.path
+        try:
+            if prepared.error is not None:
+                raise prepared.error
+            features = extractor.features(prepared.inputs, name=str(path))
+        except IMAGE_ERRORS as error:
             # One bad image (corrupt, too large, a network failure on its sizes) must not end a long run.
             report.failed[image_id] = failure_reason(path, error)
             LOGGER.error("%s failed: %s", image_id, report.failed[image_id])
             continue
         try:
-            store.put(image_id, features, image_size=image.shape[:2], settings_hash=settings_hash)
+            store.put(image_id, features, image_size=prepared.image_size, settings_hash=settings_hash)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InputError(f"no space left on device while writing {store.path}; "

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_output
-from src.extraction.store import FeatureStore
+from src.extraction.store import FeatureStore, ShardedFeatureStore, open_store
 from src.model.datum_io import read_datum
 
 
@@ -166,7 +166,7 @@ def save_pca(params: PcaParameters, output_dir: str | os.PathLike) -> None:
 
 
 def load_raw_descriptors(
-    store: FeatureStore, feature_depth: int, max_descriptors: int | None, seed: int
+    store: FeatureStore | ShardedFeatureStore, feature_depth: int, max_descriptors: int | None, seed: int
 ) -> np.ndarray:
     """Raw descriptors of a store, a uniform random subset of `max_descriptors` if it has more."""
     image_ids = store.image_ids()
@@ -202,9 +202,7 @@ def learn_pca(features_path: str | os.PathLike, output_dir: str | os.PathLike, f
     """Fit a PCA to (a random subset of) a store's raw descriptors and save it; returns it and the sample size."""
     if max_descriptors is not None and max_descriptors < 2:
         raise InputError(f"max_descriptors must be at least 2, got {max_descriptors}")
-    if not Path(features_path).exists():
-        raise FileNotFoundError(f"feature store {features_path} not found")
-    with FeatureStore(features_path) as store:
+    with open_store(features_path) as store:  # a store or the shards of one
         descriptors = load_raw_descriptors(store, feature_depth, max_descriptors, seed)
     params = fit_pca(descriptors)
     save_pca(params, output_dir)

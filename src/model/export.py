@@ -18,6 +18,7 @@ from mindspore import Tensor, nn
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
+from src.model.network import Softplus
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 INPUT_SHAPES = ("auto", "dynamic", "static")
@@ -56,11 +57,18 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
     def record_backbone(mindir_model) -> None:
         mindir_model.user_info["backbone"] = backbone
 
-    for target, example in targets:
-        extra = {"custom_func": record_backbone} if file_format == "MINDIR" else {}
-        with atomic_output(target, suffix=suffix) as temporary:
-            mindspore.export(model, example, file_name=str(temporary), file_format=file_format, **extra)
-        written.append(target)
+    softplus_cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Softplus)]
+    for cell in softplus_cells:
+        cell.for_onnx = file_format == "ONNX"
+    try:
+        for target, example in targets:
+            extra = {"custom_func": record_backbone} if file_format == "MINDIR" else {}
+            with atomic_output(target, suffix=suffix) as temporary:
+                mindspore.export(model, example, file_name=str(temporary), file_format=file_format, **extra)
+            written.append(target)
+    finally:
+        for cell in softplus_cells:
+            cell.for_onnx = False
     return written
 
 

@@ -186,6 +186,27 @@ class ResNet50Backbone(nn.Cell):
         return subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
 
 
+class Softplus(nn.Cell):
+    """softplus(x) = relu(x) + log1p(exp(-|x|)), the same value on every run.
+
+    MindSpore 2.10's CPU Softplus (and Log) kernels round the last bit differently in their SIMD
+    body and scalar tail, and how the elements are split over threads varies at run time: the same
+    image could get attention scores differing by an ulp from one run (or processing order, or
+    shard) to the next. Exp and Log1p do not. `for_onnx` swaps log1p(t) for log(1 + t): MindSpore's
+    ONNX exporter has no Log1p (onnxruntime is deterministic anyway).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.for_onnx = False
+
+    def construct(self, x: Tensor) -> Tensor:
+        tail = ops.exp(-ops.abs(x))
+        if self.for_onnx:
+            return ops.relu(x) + ops.log(tail + 1.0)
+        return ops.relu(x) + ops.log1p(tail)
+
+
 class SlimConv(Conv2d):
     """tf-slim conv2d under resnet_arg_scope: conv without bias, BatchNorm (`bn`), optional ReLU."""
 
@@ -261,7 +282,7 @@ class AttentionHead(nn.Cell):
         self.bn_conv1 = BatchNorm2d(512, bn_epsilon)
         self.relu = nn.ReLU()
         self.conv2 = Conv2d(512, 1, 1, impl=impl, weight_init=HeNormal())
-        self.softplus = ops.Softplus()
+        self.softplus = Softplus()
 
     def construct(self, features: Tensor) -> Tensor:
         return self.softplus(self.conv2(self.relu(self.bn_conv1(self.conv1(features)))))
