@@ -21,6 +21,11 @@ def _umask() -> int:
     return mask
 
 
+def give_umask_permissions(path: str | os.PathLike) -> None:
+    """Set a file's mode to what the umask gives a new file (writers like MindSpore's make them 0400/0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
@@ -41,7 +46,7 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(descriptor)  # flush to disk so a power cut cannot leave a hole
         finally:
             os.close(descriptor)
-        os.chmod(temporary, 0o666 & ~_umask())
+        give_umask_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

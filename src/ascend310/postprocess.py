@@ -27,6 +27,7 @@ import numpy as np
 
 from model_utils.cli import InputError, cli_main
 from model_utils.config import ExtractionConfig
+from model_utils.files import require_writable, require_writable_dir
 from src.ascend310.preprocess import (
     DEFAULT_WAIT_TIMEOUT,
     DONE_MARKER,
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     config, args = get_config_and_args(argv, parser)
     from model_utils.cli import setup_logging
 
+    require_writable_dir(args.output_dir)
+    if args.log_path:
+        require_writable(args.log_path, "log file")
     setup_logging(args.log_path or None)
     count = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
                         keep_outputs=args.keep_outputs, wait_timeout=args.wait_timeout)

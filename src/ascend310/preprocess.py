@@ -38,7 +38,7 @@ import numpy as np
 
 from model_utils.cli import InputError, cli_main
 from model_utils.config import ExtractionConfig
-from model_utils.files import atomic_output, list_images, read_image_list
+from model_utils.files import atomic_output, list_images, read_image_list, require_writable_dir
 from src.extraction.images import crop_to_box, load_image
 from src.extraction.pyramid import pyramid_inputs
 
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to wait for room before giving up")
     config, args = get_config_and_args(argv, parser)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    require_writable_dir(args.output_path, "work folder")
     jobs = plan_jobs(args.images_path, args.list_images_path, args.gt_path)
     count = preprocess(jobs, config.extraction, args.output_path, args.input_mode, args.max_pending,
                        args.wait_timeout)

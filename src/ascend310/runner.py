@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model_utils.cli import InputError, cli_main
+from model_utils.files import require_writable_dir
 from src.ascend310.preprocess import DEFAULT_WAIT_TIMEOUT, DONE_MARKER, POLL_INTERVAL
 from src.model.export import load_mindir
 from src.model.weights import checkpoint_id
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to wait for new input before giving up")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    require_writable_dir(args.output_path)
     setup_device(args.device_target, args.device_id, graph_mode=False)
     count = run_inference(args.mindir_path, args.input_path, args.output_path, args.wait_timeout)
     print(f"{count} level files -> {args.output_path}")

@@ -12,6 +12,7 @@ and never stops the others.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_write_text
-from src.extraction.images import crop_to_box, load_image
+from src.extraction.images import crop_to_box, load_image, read_image
 from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
-from src.extraction.pyramid import PyramidLevel, pyramid_inputs
+from src.extraction.pyramid import LevelInput, PyramidLevel, needed_image_size, pyramid_inputs
 from src.extraction.store import FeatureStore, LocalFeatures
 
 LOGGER = logging.getLogger("delf.extract")
@@ -50,8 +51,12 @@ class DelfExtractor:
 
     def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:
         """Attention and block3 maps of every usable scale; locations refer to `image`'s pixels."""
+        return self.run_levels(pyramid_inputs(image, self.config, name))
+
+    def run_levels(self, inputs: Sequence[LevelInput]) -> list[PyramidLevel]:
+        """The network's attention and block3 maps of prepared pyramid inputs."""
         levels = []
-        for level in pyramid_inputs(image, self.config, name):
+        for level in inputs:
             attention, features = self.model(Tensor(level.image))
             levels.append(PyramidLevel(level.scale, level.scale_yx, attention.asnumpy()[0, 0],
                                        features.asnumpy()[0]))
@@ -59,6 +64,23 @@ class DelfExtractor:
 
     def __call__(self, image: np.ndarray, name: str = "") -> LocalFeatures:
         return features_from_levels(self.pyramid(image, name), self.config, self.pca, name)
+
+    def extract_file(self, path: Path, crop: Sequence[float] | None = None) -> tuple[LocalFeatures, tuple[int, int]]:
+        """Features of an image file (of its [x1, y1, x2, y2] `crop`) and the (h, w) they refer to.
+
+        Memory stays bounded for any image: a large JPEG is decoded only as large as the top
+        pyramid level needs, and the decoded image is freed before the network runs.
+        """
+        if crop is None:
+            image, size = read_image(path, functools.partial(needed_image_size, config=self.config))
+        else:
+            image = crop_to_box(load_image(path), crop)
+            size = image.shape[:2]
+        inputs = pyramid_inputs(image, self.config, str(path), size)
+        del image  # can be far larger than every level; `inputs` holds all the network needs
+        levels = self.run_levels(inputs)
+        del inputs
+        return features_from_levels(levels, self.config, self.pca, str(path)), size
 
 
 def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
@@ -113,10 +135,7 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
     report.skipped = len(image_paths) - len(todo)
     for image_id, path in tqdm(todo.items(), desc=progress_label, unit="image", disable=not progress):
         try:
-            image = load_image(path)
-            if crops and image_id in crops:
-                image = crop_to_box(image, crops[image_id])
-            features = extractor(image, name=str(path))
+            features, image_size = extractor.extract_file(path, crops.get(image_id) if crops else None)
         except (InputError, MemoryError, RuntimeError, ValueError) as error:
             # One bad image (corrupt, too large, a network failure on its sizes) must not end a long run.
             reason = " ".join(str(error).split()) or type(error).__name__
@@ -124,7 +143,7 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
             LOGGER.error("%s failed: %s", image_id, reason)
             continue
         try:
-            store.put(image_id, features, image_size=image.shape[:2], settings_hash=settings_hash)
+            store.put(image_id, features, image_size=image_size, settings_hash=settings_hash)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InputError(f"no space left on device while writing {store.path}; "
@@ -155,5 +174,6 @@ def extract_folder(image_paths: Mapping[str, Path], store_path: str | Path, extr
     """extract_to_store into a store file, then compact it and write (or clear) its failures list."""
     with FeatureStore(store_path) as store:
         report = extract_to_store(image_paths, store, extractor, settings_hash)
+        store.compact()  # also merges the journal of an earlier run that stopped before compacting
     write_failures(store_path, report.failed)
     return report

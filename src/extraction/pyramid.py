@@ -42,22 +42,41 @@ def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((images - 128.0) / 128.0).transpose(0, 3, 1, 2))
 
 
-def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str = "") -> float:
-    """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound."""
+def _fit_factor(height: int, width: int, config: ExtractionConfig) -> tuple[float, float]:
+    """(factor before the pyramid, factor before the memory bound) of an image of (height, width)."""
     factor = 1.0
     largest = max(height, width)
     if 0 < config.max_image_size < largest:
         factor = config.max_image_size / largest
     elif 0 < largest < config.min_image_size:
         factor = config.min_image_size / largest
-    top_scale = max(config.image_scales)
-    level_pixels = height * width * (factor * top_scale) ** 2
+    unbounded = factor
+    level_pixels = height * width * (factor * max(config.image_scales)) ** 2
     if level_pixels > config.max_pixels_per_scale:
         factor *= (config.max_pixels_per_scale / level_pixels) ** 0.5
+    return factor, unbounded
+
+
+def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str = "") -> float:
+    """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound.
+
+    max_pixels_per_scale bounds the largest level, and so the network's memory: the default
+    (2048 x 2048 pixels) keeps extraction of any image under 3 GB in PyNative mode (README).
+    """
+    factor, unbounded = _fit_factor(height, width, config)
+    if factor < unbounded:
         LOGGER.warning("%s: %dx%d is too large for pyramid scale %g (more than %d pixels); "
-                       "downscaled by %.3f", name or "image", width, height, top_scale,
+                       "downscaled by %.3f", name or "image", width, height, max(config.image_scales),
                        config.max_pixels_per_scale, factor)
     return factor
+
+
+def needed_image_size(height: int, width: int, config: ExtractionConfig) -> tuple[int, int]:
+    """The largest level's (h, w) for an image of (height, width): all the pyramid needs to decode."""
+    factor = _fit_factor(height, width, config)[0] * max(config.image_scales)
+    if factor >= 1.0:
+        return height, width
+    return max(1, round(height * factor)), max(1, round(width * factor))
 
 
 def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "") -> list[tuple[float, int, int]]:
@@ -80,9 +99,14 @@ def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "
     return sizes
 
 
-def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "") -> list[LevelInput]:
-    """The network input of every usable pyramid level of a uint8 RGB image."""
-    height, width = image.shape[:2]
+def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
+                   full_size: tuple[int, int] | None = None) -> list[LevelInput]:
+    """The network input of every usable pyramid level of a uint8 RGB image.
+
+    `full_size` is the image's real (H, W) when `image` was decoded reduced (images.read_image):
+    the levels and their scale_yx refer to the full size, so locations come out in its pixels.
+    """
+    height, width = full_size or image.shape[:2]
     return [
         LevelInput(scale, (level_h / height, level_w / width),
                    normalize_images(resize_image(image, level_h, level_w)[None]))
