@@ -82,10 +82,21 @@ def require_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
-def require_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def require_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Fail before any work when folder `path` cannot be written; created when missing, unless `create`
+    is False (then the nearest existing parent must be writable, so the writer can create it later)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {path} is a file, not a folder")
+    if not create and not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"cannot create {what} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot create {what} {path}: folder {parent} is not writable")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="image reader processes; 0 = read in this process")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     args = parser.parse_args(argv)
-    require_writable_dir(args.output_directory)
+    require_writable_dir(args.output_directory, create=False)
     report = build_image_dataset(args.train_csv_path, args.train_clean_csv_path, args.train_directory,
                                  args.output_directory, num_shards=args.num_shards,
                                  validation_split_size=args.validation_split_size, seed=args.seed,

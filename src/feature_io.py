@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     require_store(args.store)
     if args.command == "export":
-        require_writable_dir(args.output_dir)
+        require_writable_dir(args.output_dir, create=False)
     elif args.command in ("compact", "repair"):
         require_writable(args.store, "feature store")  # rewritten beside itself
     if args.command == "export":

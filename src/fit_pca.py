@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature_depth", type=int, default=ExtractionConfig.feature_depth,
                         help="raw descriptor depth (default %(default)s, block3 of ResNet50)")
     args = parser.parse_args(argv)
-    require_writable_dir(args.output_dir)
+    require_writable_dir(args.output_dir, create=False)  # a refused input must leave no folder behind
     params, count = learn_pca(args.features, args.output_dir, args.feature_depth, args.max_descriptors, args.seed)
     if count <= args.feature_depth:
         print(f"warning: only {count} descriptors for {args.feature_depth} dimensions; "

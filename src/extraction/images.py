@@ -15,8 +15,8 @@ from model_utils.cli import InputError
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-# Rows converted at a time from 16-bit or float modes, to bound the float temporaries.
-_CONVERT_ROWS = 1024
+# Pixels converted at a time (16-bit and float modes, the copy out of Pillow): bounds the temporaries.
+_CONVERT_PIXELS = 2**18
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -68,16 +68,25 @@ def _rgb_image(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """uint8 RGB array of a Pillow image in any mode (16-bit and float modes rescaled to 0..255)."""
-    if image.mode in _HIGH_DEPTH_MODES:
-        values = np.asarray(image)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        rgb = np.empty((*values.shape, 3), dtype=np.uint8)
-        for start in range(0, values.shape[0], _CONVERT_ROWS):  # float64 temporaries of a slice only
-            rows = values[start:start + _CONVERT_ROWS].astype(np.float64)
-            rgb[start:start + _CONVERT_ROWS] = np.clip(np.round(rows / top * 255.0), 0, 255).astype(np.uint8)[..., None]
-        return rgb
-    return np.asarray(_rgb_image(image), dtype=np.uint8)
+    """uint8 RGB array of a Pillow image in any mode (16-bit and float modes rescaled to 0..255).
+
+    Converted in strips of _CONVERT_PIXELS: np.asarray of the whole image would hold a second
+    full copy (and float64 temporaries, 8 bytes a pixel, for 16-bit images).
+    """
+    high_depth = image.mode in _HIGH_DEPTH_MODES
+    if high_depth:
+        top = 65535.0 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255.0
+    else:
+        image = _rgb_image(image)
+    width, height = image.size
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    step = max(1, _CONVERT_PIXELS // max(1, width))
+    for row in range(0, height, step):
+        strip = np.asarray(image.crop((0, row, width, min(row + step, height))))
+        if high_depth:
+            strip = np.clip(np.round(strip.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)[..., None]
+        rgb[row:row + strip.shape[0]] = strip
+    return rgb
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 never prints a traceback (issue 11's "Done when"); a full disk and a damaged store end in one line."""
 
 import contextlib
-import os
 import shutil
 import struct
 import subprocess

@@ -132,8 +132,8 @@ def test_store_resumes_without_recomputing(tmp_path, model, photo):
                                      tmp_path / f"img{index}.png")
     extractor = DelfExtractor(model, config)
     calls = []
-    original = extractor.pyramid
-    extractor.pyramid = lambda image, name="": calls.append(name) or original(image, name)
+    original = extractor.run_levels
+    extractor.run_levels = lambda inputs: calls.append(len(inputs)) or original(inputs)
     with FeatureStore(tmp_path / "f.h5") as store:
         assert extract_to_store(dict(list(paths.items())[:2]), store, extractor, "hash-a", progress=False) == \
             ExtractionReport(extracted=2, skipped=0)
