@@ -26,9 +26,11 @@ cannot fill the disk. Use max_pending 0 when running the stages one after anothe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +40,12 @@ import numpy as np
 
 from model_utils.cli import InputError, cli_main
 from model_utils.config import ExtractionConfig
-from model_utils.files import atomic_output, list_images, read_image_list, require_writable_dir
-from src.extraction.images import crop_to_box, load_image
-from src.extraction.pyramid import pyramid_inputs
+from model_utils.files import atomic_output, atomic_write_text, list_images, read_image_list, require_writable_dir
+from src.extraction.images import crop_to_box, load_image, read_image
+from src.extraction.pyramid import needed_image_size, pyramid_inputs
 
 LOGGER = logging.getLogger("delf.preprocess")
+FAILURES_FILE = "failures.txt"  # images that could not be read, 'id<TAB>reason' a line
 
 INPUT_MODES = ("exact", "canvas")
 INPUTS_DIR = "inputs"
@@ -156,8 +159,12 @@ def _check_empty_work_dir(inputs_dir: Path, manifests_dir: Path) -> None:
 
 def preprocess(jobs: Sequence[Job], config: ExtractionConfig, work_dir: str | Path, input_mode: str = "exact",
                max_pending: int = DEFAULT_MAX_PENDING, wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-               progress: bool = True) -> int:
-    """Write the input files and manifests of `jobs` into `work_dir`; returns the number of level files."""
+               progress: bool = True, failed: dict[str, str] | None = None) -> int:
+    """Write the input files and manifests of `jobs` into `work_dir`; returns the number of level files.
+
+    An image that cannot be read is logged, added to `failed` (image id -> "path: reason") and
+    skipped: it gets no manifest, so postprocess never records it as done.
+    """
     from tqdm import tqdm
 
     if input_mode not in INPUT_MODES:
@@ -174,11 +181,22 @@ def preprocess(jobs: Sequence[Job], config: ExtractionConfig, work_dir: str | Pa
     num_files = 0
     for number, job in enumerate(tqdm(jobs, desc="preprocess", unit="image", disable=not progress)):
         _wait_for_room(manifests_dir, max_pending, wait_timeout)
-        image = load_image(job.path)
-        if job.crop is not None:
-            image = crop_to_box(image, job.crop)
+        try:
+            if job.crop is None:  # a large JPEG is decoded only as large as the top level needs
+                image, image_size = read_image(job.path, functools.partial(needed_image_size, config=config))
+            else:
+                image = crop_to_box(load_image(job.path), job.crop)
+                image_size = image.shape[:2]
+            inputs = pyramid_inputs(image, config, str(job.path), image_size)
+        except (InputError, MemoryError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            LOGGER.error("%s failed: %s", job.image_id, reason)
+            if failed is not None:
+                failed[job.image_id] = reason if str(job.path) in reason else f"{job.path}: {reason}"
+            continue
+        del image
         levels = []
-        for index, level in enumerate(pyramid_inputs(image, config, str(job.path))):
+        for index, level in enumerate(inputs):
             array = level.image
             size, offset = list(array.shape[2:]), (0, 0)
             if sides:
@@ -190,7 +208,7 @@ def preprocess(jobs: Sequence[Job], config: ExtractionConfig, work_dir: str | Pa
                            "shape": list(array.shape)})
             num_files += 1
         manifest = {"format": MANIFEST_FORMAT, "image_id": job.image_id, "store": job.store,
-                    "image_size": list(image.shape[:2]), "input_mode": input_mode, "levels": levels}
+                    "image_size": list(image_size), "input_mode": input_mode, "levels": levels}
         # The manifest comes last: postprocess only looks for outputs of complete images.
         _write_bytes(manifests_dir / f"{number:06d}.json", json.dumps(manifest, indent=1).encode())
     _write_bytes(inputs_dir / DONE_MARKER, b"")
@@ -198,7 +216,7 @@ def preprocess(jobs: Sequence[Job], config: ExtractionConfig, work_dir: str | Pa
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from model_utils.config import get_config_and_args
 
     parser = argparse.ArgumentParser(description="Write DELF pyramid inputs (raw float32 + JSON manifests) "
@@ -218,10 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     require_writable_dir(args.output_path, "work folder")
     jobs = plan_jobs(args.images_path, args.list_images_path, args.gt_path)
+    failed: dict[str, str] = {}
     count = preprocess(jobs, config.extraction, args.output_path, args.input_mode, args.max_pending,
-                       args.wait_timeout)
-    print(f"{len(jobs)} images -> {count} level files in {Path(args.output_path) / INPUTS_DIR}")
+                       args.wait_timeout, failed=failed)
+    print(f"{len(jobs) - len(failed)} images -> {count} level files in {Path(args.output_path) / INPUTS_DIR}")
+    failures = Path(args.output_path) / FAILURES_FILE
+    if not failed:
+        failures.unlink(missing_ok=True)
+        return 0
+    atomic_write_text(failures, "".join(f"{image_id}\t{reason}\n" for image_id, reason in sorted(failed.items())))
+    print(f"{len(failed)} image(s) failed (listed in {failures}):", file=sys.stderr)
+    for reason in failed.values():
+        print(f"  {reason}", file=sys.stderr)
+    return 0 if config.skip_bad_images else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
