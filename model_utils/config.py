@@ -70,7 +70,7 @@ class ExtractionConfig:
     padding: float = 145.0
     # Largest number of pixels a single pyramid level may have; bigger images are
     # downscaled with a warning instead of exhausting memory at scale 2.0.
-    max_pixels_per_scale: int = 4_194_304  # 2048 x 2048: bounds extraction memory (README)
+    max_pixels_per_scale: int = 3_500_000  # bounds extraction memory to ~3 GB (README); 1024x768 x 2 fits
     feature_depth: int = 1024
 
     def __post_init__(self) -> None:
