@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for reason in report.damaged.values():
             print(f"dropped: {reason}")
         moved = f"; the old file is {report.moved_to}" if report.moved_to else ""
-        print(f"{args.store}: {total} intact images ({report.kept} from the HDF5 file, the rest from the journal), "
+        print(f"{args.store}: {total} intact images ({report.kept} kept from the HDF5 file), "
               f"{len(report.damaged)} damaged dropped{moved}. Rerun the extraction to redo what is missing.")
     else:
         damaged = 0

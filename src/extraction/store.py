@@ -94,6 +94,10 @@ class DamagedImageError(InputError):
 class DamagedStoreError(InputError):
     """The store's HDF5 index itself is unreadable; `python -m src.feature_io repair` recovers it."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message  # what went wrong, without the advice
+
 
 def _repair_hint(path: Path) -> str:
     return (f"run `python -m src.feature_io repair {path}` to keep its intact images (the damaged file is "
@@ -209,10 +213,13 @@ class FeatureStore:
 
     def _damaged_store(self, error: BaseException, opening: bool = False) -> DamagedStoreError:
         reason = " ".join(str(error).split()) or type(error).__name__
-        if opening and not _is_hdf5(self.path):
-            return DamagedStoreError(f"{self.path} is not a readable HDF5 feature store ({reason})")
+        if opening and not _is_hdf5(self.path):  # a wrong file, or one damaged from its first byte
+            reason = f"{self.path} is not a readable HDF5 feature store ({reason})"
+            return DamagedStoreError(f"{reason}; if it was one, it is damaged beyond repair: move it aside and "
+                                     "rerun the extraction", reason)
         what = "is not a readable HDF5 feature store" if opening else "has a damaged index"
-        return DamagedStoreError(f"{self.path} {what} ({reason}); {_repair_hint(self.path)}")
+        reason = f"{self.path} {what} ({reason})"
+        return DamagedStoreError(f"{reason}; {_repair_hint(self.path)}", reason)
 
     def _stored_names(self) -> list[str]:
         """Encoded names of the images in the HDF5 file; DamagedStoreError when its index is unreadable."""
@@ -496,12 +503,15 @@ class FeatureStore:
         deleted; the lost images are 'not done' and redone by the next extraction run.
         """
         kept, damaged, index_damaged, moved_to = 0, {}, "", None
+        if self.path.exists() and not _is_hdf5(self.path):
+            raise InputError(f"{self.path} is not an HDF5 file at all, so nothing in it can be repaired: move it "
+                             "aside and rerun the extraction")
         with self._compaction_lock():
             if self.path.exists():
                 try:
                     names = self._stored_names()
                 except DamagedStoreError as error:
-                    names, index_damaged = [], str(error).split("; run `")[0]
+                    names, index_damaged = [], error.reason
                 with atomic_output(self.path) as temporary, \
                         h5py.File(temporary, "w", libver=("v108", "latest")) as new:
                     new.attrs["format"] = FORMAT
