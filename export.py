@@ -27,10 +27,11 @@ import numpy as np
 from model_utils.cli import InputError, cli_main
 from model_utils.config import get_config_and_args
 from model_utils.device import setup_device
+from model_utils.files import require_writable
 from src.ascend310.preprocess import canvas_sides, place_on_canvas
 from src.extraction.images import load_image, resize_image
 from src.extraction.pyramid import normalize_images
-from src.model.export import FORMATS, INPUT_SHAPES, export_network, max_difference
+from src.model.export import FORMATS, INPUT_SHAPES, export_network, export_paths, max_difference
 from src.model.weights import build_extraction_model
 
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = None
     if input_shape == "static":
         sizes = list(dict.fromkeys((side, side) for side in canvas_sides(config.extraction)))
+    for path in export_paths(args.file_name, args.file_format, sizes):
+        require_writable(path, "export file")
     setup_device(config.device_target, config.device_id, graph_mode=False)
     # Native convolutions whatever the device: the exported graph must not carry the im2col path.
     model = build_extraction_model(dataclasses.replace(config, conv_impl="native"), args.ckpt_path)

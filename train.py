@@ -36,6 +36,7 @@ import numpy as np
 from model_utils.cli import cli_main, setup_logging
 from model_utils.config import get_config_and_args
 from model_utils.device import setup_device
+from model_utils.files import require_writable, require_writable_dir
 from src.training.run import check_inputs, init_data_parallel, run_training
 
 
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log_path", default="",
                         help="log file (default: <save_ckpt>/train_<stage>.log, _rank<i> for other ranks)")
     config, args = get_config_and_args(argv, parser)
+    # Checkpoints, logs and summaries are written hours in: check their places before any work.
+    require_writable_dir(config.save_ckpt, "checkpoint folder (save_ckpt)")
+    if args.log_path:
+        require_writable(args.log_path, "log file")
+    if config.need_summary or config.need_profile:
+        require_writable_dir(config.save_summary, "summary folder (save_summary)")
     target = setup_device(config.device_target, config.device_id, graph_mode=config.mode == "graph")
     check_inputs(config, target)
     rank_id, rank_size = init_data_parallel()

@@ -44,6 +44,17 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int | None]:
     return wrapper
 
 
+def _file_handler(log_path: str | Path) -> logging.FileHandler:
+    """A handler appending to `log_path`; InputError naming the file when it cannot be written."""
+    try:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path)
+    except OSError as error:
+        raise InputError(f"cannot write log file {log_path}: {error.strerror or error}") from None
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
 def setup_logging(log_path: str | Path | None = None, terminal_level: int = logging.WARNING) -> None:
     """The suite's loggers ('delf.*'): INFO and up to `log_path`, `terminal_level` and up to stderr.
 
@@ -60,9 +71,7 @@ def setup_logging(log_path: str | Path | None = None, terminal_level: int = logg
                                             else "%(message)s"))
     handlers: list[logging.Handler] = [terminal]
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(log_path)
-        log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        log_file = _file_handler(log_path)
         handlers.append(log_file)
     for handler in handlers:
         logger.addHandler(handler)
@@ -73,8 +82,7 @@ def setup_logging(log_path: str | Path | None = None, terminal_level: int = logg
 def log_to_file(logger_name: str, log_path: str | Path) -> Iterator[logging.Logger]:
     """Also write `logger_name`'s records to `log_path` while the block runs (one log per stage)."""
     logger = logging.getLogger(logger_name)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler = _file_handler(log_path)
     logger.addHandler(handler)
     try:
         yield logger

@@ -28,6 +28,11 @@ def _umask() -> int:
     return mask
 
 
+def give_umask_permissions(path: str | os.PathLike) -> None:
+    """Set a file's mode to what the umask gives a new file (writers like MindSpore's make them 0400/0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
@@ -48,7 +53,7 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(descriptor)  # flush to disk so a power cut cannot leave a hole
         finally:
             os.close(descriptor)
-        os.chmod(temporary, 0o666 & ~_umask())
+        give_umask_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -84,10 +89,21 @@ def require_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
-def require_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def require_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Fail before any work when folder `path` cannot be written; created when missing, unless `create`
+    is False (then the nearest existing parent must be writable, so the writer can create it later)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {path} is a file, not a folder")
+    if not create and not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"cannot create {what} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot create {what} {path}: folder {parent} is not writable")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -14,6 +14,7 @@ if __package__ in (None, ""):  # run as `python src/build_image_dataset.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_utils.cli import cli_main  # noqa: E402
+from model_utils.files import require_writable_dir  # noqa: E402
 from src.training.build_image_dataset import build_image_dataset, default_num_workers, print_report  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="image reader processes; 0 = read in this process")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     args = parser.parse_args(argv)
+    require_writable_dir(args.output_directory, create=False)
     report = build_image_dataset(args.train_csv_path, args.train_clean_csv_path, args.train_directory,
                                  args.output_directory, num_shards=args.num_shards,
                                  validation_split_size=args.validation_split_size, seed=args.seed,

@@ -36,9 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "database order the ranks refer to (default: every name in the gt files)")
     parser.add_argument("--output_dir", required=True, help="where mAP.txt and metrics.json go")
     args = parser.parse_args(argv)
+    output_dir = require_writable_dir(args.output_dir)
     image_names = sorted(list_images(args.images_dir)) if args.images_dir else None
     ground_truth = load_ground_truth(args.gt_path, image_names)
-    output_dir = require_writable_dir(args.output_dir)
     results = evaluate(load_ranks(args.ranks_path), ground_truth)
     write_metrics(results, output_dir / "mAP.txt", output_dir / "metrics.json")
     print(format_metrics(results), end="")

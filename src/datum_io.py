@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as `python src/datum_io.py`
 import numpy as np  # noqa: E402
 
 from model_utils.cli import cli_main  # noqa: E402
-from model_utils.files import atomic_write_bytes  # noqa: E402
+from model_utils.files import atomic_write_bytes, require_writable  # noqa: E402
 from src.model.datum_io import read_datum  # noqa: E402
 
 
@@ -29,9 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("input", help="the .datum file to read")
     parser.add_argument("output", help="the .npy file to write")
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"output directory {output.parent} does not exist")
+    output = require_writable(args.output, "output .npy")
     array = read_datum(args.input)
     buffer = io.BytesIO()
     np.save(buffer, array)

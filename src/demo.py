@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python src/demo.py`
 from model_utils.cli import cli_main  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.device import setup_device  # noqa: E402
+from model_utils.files import require_writable  # noqa: E402
 from src.extraction.extractor import DelfExtractor  # noqa: E402
 from src.extraction.images import resize_image  # noqa: E402
 from src.extraction.pca import load_pca  # noqa: E402
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt_path", default="", help="trained DELF checkpoint (default: untrained weights)")
     parser.add_argument("--output_image", default="eval_match.png", help="figure to write")
     config, args = get_config_and_args(argv, parser)
+    require_writable(args.output_image, "output image")
     settings = config.extraction
     # Two images, 14 distinct shapes: PyNative beats compiling a graph per shape.
     target = setup_device(config.device_target, config.device_id, graph_mode=False)

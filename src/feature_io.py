@@ -1,9 +1,12 @@
-"""Inspect, compact or export a DELF HDF5 feature store (src/extraction/store.py).
+"""Inspect, compact, export or repair a DELF HDF5 feature store (src/extraction/store.py).
 
-STORE may name a store extracted in shards (features.h5 for features.rank<r>-of-<N>.h5): the
-shards are then read as one store (`compact` compacts each).
+    python -m src.feature_io {export,compact,list,repair} STORE ...
 
-    python -m src.feature_io {export,compact,list} STORE ...
+`list` verifies every image (checksum, finite values) and exits 1 when any is damaged; `repair`
+keeps the intact images of a damaged store (the old file is moved to STORE.damaged) and adds
+checksums to a store written before they existed; a rerun of the extraction redoes the rest.
+STORE may name a store extracted in shards (features.h5 for features.rank<r>-of-<N>.h5): `export`
+and `list` then read the shards as one store, `compact` compacts each.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ if __package__ in (None, ""):  # run as `python src/feature_io.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_utils.cli import cli_main  # noqa: E402
-from src.extraction.store import export_npz, open_store  # noqa: E402
+from model_utils.files import require_writable, require_writable_dir  # noqa: E402
+from src.extraction.store import DamagedImageError, FeatureStore, export_npz, open_store  # noqa: E402
 
 
 @cli_main
@@ -29,11 +33,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("output_dir", help="directory for the .npz files")
     compact = commands.add_parser("compact", help="merge the journal left by an interrupted run into the .h5")
     compact.add_argument("store", help="the feature store (.h5)")
-    listing = commands.add_parser("list", help="print image id, image size and feature count per image")
+    listing = commands.add_parser("list", help="print image id, image size and feature count per image "
+                                  "(verifying each; exit status 1 when any is damaged)")
     listing.add_argument("store", help="the feature store (.h5)")
+    repair = commands.add_parser("repair", help="keep the intact images of a damaged store (the old file is "
+                                 "moved to STORE.damaged); also adds checksums to an old store")
+    repair.add_argument("store", help="the feature store (.h5)")
     args = parser.parse_args(argv)
 
     open_store(args.store).close()  # a missing store: one line, whatever the command
+    if args.command == "export":
+        require_writable_dir(args.output_dir, create=False)
+    elif args.command in ("compact", "repair"):
+        require_writable(args.store, "feature store")  # rewritten beside itself
     if args.command == "export":
         count = export_npz(args.store, args.output_dir)
         print(f"exported {count} images to {args.output_dir}")
@@ -41,12 +53,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open_store(args.store) as store:
             store.compact()
             print(f"{args.store}: {len(store.image_ids())} images")
+    elif args.command == "repair":
+        with FeatureStore(args.store, open_now=False) as store:
+            report = store.repair()
+            total = len(store.image_ids())
+        if report.index_damaged:
+            print(f"the index of {args.store} was unreadable ({report.index_damaged}); no image could be kept")
+        for reason in report.damaged.values():
+            print(f"dropped: {reason}")
+        moved = f"; the old file is {report.moved_to}" if report.moved_to else ""
+        print(f"{args.store}: {total} intact images ({report.kept} kept from the HDF5 file), "
+              f"{len(report.damaged)} damaged dropped{moved}. Rerun the extraction to redo what is missing.")
     else:
+        damaged = 0
         with open_store(args.store) as store:
             for image_id in store.image_ids():
-                attrs = store.attributes(image_id)
-                height, width = attrs["image_size"]
-                print(f"{image_id}\t{height}x{width}\t{attrs['num_features']} features")
+                try:
+                    features = store.get(image_id)  # verifies the checksum and finite values
+                    height, width = store.attributes(image_id)["image_size"]
+                except DamagedImageError as error:
+                    damaged += 1
+                    print(f"{image_id}\tDAMAGED\t{error}")
+                    continue
+                print(f"{image_id}\t{height}x{width}\t{len(features.locations)} features")
+        if damaged:
+            print(f"error: {damaged} damaged image(s) in {args.store}: rerun the extraction to redo them, "
+                  f"or `python -m src.feature_io repair {args.store}` to drop them now", file=sys.stderr)
+            return 1
     return 0
 
 

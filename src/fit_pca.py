@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as `python src/fit_pca.py`
 
 from model_utils.cli import cli_main  # noqa: E402
 from model_utils.config import ExtractionConfig  # noqa: E402
+from model_utils.files import require_writable_dir  # noqa: E402
 from src.extraction.pca import DEFAULT_MAX_DESCRIPTORS, learn_pca  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature_depth", type=int, default=ExtractionConfig.feature_depth,
                         help="raw descriptor depth (default %(default)s, block3 of ResNet50)")
     args = parser.parse_args(argv)
+    require_writable_dir(args.output_dir, create=False)  # a refused input must leave no folder behind
     params, count = learn_pca(args.features, args.output_dir, args.feature_depth, args.max_descriptors, args.seed)
     if count <= args.feature_depth:
         print(f"warning: only {count} descriptors for {args.feature_depth} dimensions; "

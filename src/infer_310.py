@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python src/infer_310.py`
 from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.device import setup_device  # noqa: E402
-from model_utils.files import list_images, read_image_list  # noqa: E402
+from model_utils.files import list_images, read_image_list, require_writable, require_writable_dir  # noqa: E402
 from src.ascend310.driver import DEFAULT_CHUNK_SIZE, make_runner, print_summary, run_chunked  # noqa: E402
 from src.ascend310.preprocess import INPUT_MODES, plan_jobs  # noqa: E402
 from src.evaluation.ground_truth import load_ground_truth  # noqa: E402
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("give --list_images_path or --gt_path, not both")
     if args.chunk_size <= 0:
         raise InputError(f"--chunk_size must be positive, got {args.chunk_size}")
+    require_writable_dir(args.work_path, "work folder")
+    require_writable_dir(args.output_dir)
+    if args.log_path:
+        require_writable(args.log_path, "log file")
     setup_logging(args.log_path or None)
     names = read_image_list(args.list_images_path) if args.list_images_path else None
     ground_truth = load_ground_truth(args.gt_path, sorted(list_images(args.images_path))) if args.gt_path else None

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as `python src/infer_mindir.py`
 
 from model_utils.cli import cli_main, setup_logging  # noqa: E402
 from model_utils.device import setup_device  # noqa: E402
+from model_utils.files import require_writable_dir  # noqa: E402
 from src.ascend310.runner import run_inference  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device_target", default="auto", help="auto, Ascend, GPU or CPU")
     parser.add_argument("--device_id", type=int, default=0, help="device index")
     args = parser.parse_args(argv)
+    require_writable_dir(args.output_path, "output folder")
     setup_logging()
     setup_device(args.device_target, args.device_id, graph_mode=False)
     failed = run_inference(args.mindir_path, args.input_path, args.output_path)

@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="where ranks_*.npy, mAP.txt and retrieval.log go")
     parser.add_argument("--asmk_index", default="", help="ASMK index folder (default: <index_features>.asmk)")
     config, args = get_config_and_args(argv, parser)
+    output_dir = require_writable_dir(args.output_dir)
     image_names = sorted(list_images(args.images_path)) if args.images_path else None
     if image_names is None and Path(args.gt_path).is_dir():
         raise InputError(f"--images_path is needed with the txt ground truth in {args.gt_path} (it fixes the database)")
     ground_truth = load_ground_truth(args.gt_path, image_names)
-    output_dir = require_writable_dir(args.output_dir)
     setup_logging()
     with log_to_file("delf.retrieval", output_dir / "retrieval.log") as log:
         log.info("settings: %s, %s, seed %d", config.retrieval, config.matching, config.seed)

@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as `python src/postprocess.py`
 
 from model_utils.cli import cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
+from model_utils.files import require_writable, require_writable_dir  # noqa: E402
 from src.ascend310.driver import print_summary  # noqa: E402
 from src.ascend310.postprocess import postprocess  # noqa: E402
 from src.ascend310.runner import model_backbone, model_id  # noqa: E402
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep_outputs", action="store_true", help="keep the work directory's files")
     parser.add_argument("--log_path", default="", help="log file of per-image feature counts ('' for none)")
     config, args = get_config_and_args(argv, parser)
+    require_writable_dir(args.output_dir)
+    if args.log_path:
+        require_writable(args.log_path, "log file")
     setup_logging(args.log_path or None)
     reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
                           keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as `python src/preprocess.py`
 
 from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
-from model_utils.files import list_images, read_image_list  # noqa: E402
+from model_utils.files import list_images, read_image_list, require_writable_dir  # noqa: E402
 from src.ascend310.preprocess import INPUT_MODES, plan_jobs, preprocess  # noqa: E402
 from src.ascend310.protocol import INPUTS_DIR  # noqa: E402
 from src.evaluation.ground_truth import load_ground_truth  # noqa: E402
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     config, args = get_config_and_args(argv, parser)
     if args.list_images_path and args.gt_path:
         raise InputError("give --list_images_path or --gt_path, not both")
+    require_writable_dir(args.output_path, "work folder")
     setup_logging()
     names = read_image_list(args.list_images_path) if args.list_images_path else None
     ground_truth = load_ground_truth(args.gt_path, sorted(list_images(args.images_path))) if args.gt_path else None

@@ -37,8 +37,7 @@ from src.ascend310.protocol import (
 )
 from src.extraction import dataset
 from src.extraction.extractor import failure_reason
-from src.extraction.images import crop_to_box, load_image
-from src.extraction.pyramid import pyramid_inputs
+from src.extraction.pyramid import pyramid_inputs, read_for_pyramid
 
 LOGGER = logging.getLogger("delf.preprocess")
 
@@ -111,11 +110,11 @@ def plan_jobs(images_path: str | Path, names: Sequence[str] | None = None,
 def prepare_image(job: Job, number: int, config: ExtractionConfig, inputs_dir: Path,
                   sides: dict[float, int]) -> dict:
     """Write the level files of one image; returns its manifest entry (without store/id/path)."""
-    image = load_image(job.path)
-    if job.crop is not None:
-        image = crop_to_box(image, job.crop)
+    image, image_size = read_for_pyramid(job.path, config, job.crop)
+    inputs = pyramid_inputs(image, config, str(job.path), full_size=image_size)
+    del image  # can be far larger than every level
     levels = []
-    for index, level in enumerate(pyramid_inputs(image, config, str(job.path))):
+    for index, level in enumerate(inputs):
         array = level.image
         size = list(array.shape[2:])
         if sides:
@@ -124,7 +123,7 @@ def prepare_image(job: Job, number: int, config: ExtractionConfig, inputs_dir: P
         atomic_write_bytes(inputs_dir / file_name, np.ascontiguousarray(array, dtype=np.float32).tobytes())
         levels.append({"input_file": file_name, "scale": level.scale, "scale_yx": list(level.scale_yx),
                        "size": size})
-    return {"image_size": list(image.shape[:2]), "levels": levels}
+    return {"image_size": list(image_size), "levels": levels}
 
 
 def preprocess(jobs: Sequence[Job], config: ExtractionConfig, work_dir: str | Path, input_mode: str = "exact",

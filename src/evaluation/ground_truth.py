@@ -18,12 +18,15 @@ import importlib
 import os
 import pickle
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from struct import error as StructError
 from typing import Any
 
 import numpy as np
 import scipy.io
+from scipy.io.matlab import MatReadError
 
 from model_utils.cli import InputError
 
@@ -254,8 +257,11 @@ def _mat_strings(cell: np.ndarray) -> list[str]:
 def _read_mat(path: Path) -> GroundTruth:
     try:
         content = scipy.io.loadmat(str(path))
-    except (ValueError, TypeError, OSError, NotImplementedError) as error:
-        raise InputError(f"cannot read {path} as a MATLAB file: {error}") from None
+    except (ValueError, TypeError, OSError, NotImplementedError, MatReadError, EOFError, StructError,
+            zlib.error, IndexError, KeyError) as error:
+        # A file that is not a MAT file (or a damaged one) makes scipy's parser fail in many ways.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise InputError(f"cannot read {path} as a MATLAB file: {reason}") from None
     missing = [key for key in ("imlist", "qimlist", "gnd") if key not in content]
     if missing:
         raise InputError(f"{path} is not a revisitop ground truth (missing {', '.join(missing)})")

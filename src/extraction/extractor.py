@@ -28,10 +28,9 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_write_text
-from src.extraction.images import crop_to_box, load_image
 from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
-from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs
+from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs, read_for_pyramid
 from src.extraction.store import FAILURES_SUFFIX, FeatureStore, LocalFeatures
 from src.model.network import min_input_side
 from src.model.shapes import set_input_shapes
@@ -61,9 +60,20 @@ class DelfExtractor:
         self.pca = pca
         self.min_side = min_input_side(getattr(model, "backbone_name", "keras"))
 
-    def inputs(self, image: np.ndarray, name: str = "") -> list[LevelInput]:
+    def inputs(self, image: np.ndarray, name: str = "", full_size: tuple[int, int] | None = None
+               ) -> list[LevelInput]:
         """The network input of every pyramid level (CPU work: resize, normalise)."""
-        return pyramid_inputs(image, self.config, name, self.min_side)
+        return pyramid_inputs(image, self.config, name, self.min_side, full_size)
+
+    def file_inputs(self, path: Path, crop: Sequence[float] | None = None
+                    ) -> tuple[list[LevelInput], tuple[int, int]]:
+        """The level inputs of an image file (of its [x1, y1, x2, y2] `crop`) and the (h, w) they refer to.
+
+        Memory stays bounded for any image: a large JPEG is decoded only as large as the top
+        pyramid level needs, and the decoded image is freed before the network runs.
+        """
+        image, size = read_for_pyramid(path, self.config, crop)
+        return self.inputs(image, str(path), size), size
 
     def run_network(self, inputs: Sequence[LevelInput]) -> list[PyramidLevel]:
         """Attention and block3 maps of every level input."""
@@ -84,6 +94,11 @@ class DelfExtractor:
 
     def __call__(self, image: np.ndarray, name: str = "") -> LocalFeatures:
         return self.features(self.inputs(image, name), name)
+
+    def extract_file(self, path: Path, crop: Sequence[float] | None = None) -> tuple[LocalFeatures, tuple[int, int]]:
+        """Features of an image file (of its [x1, y1, x2, y2] `crop`) and the (h, w) they refer to."""
+        inputs, size = self.file_inputs(path, crop)
+        return self.features(inputs, str(path)), size
 
 
 def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
@@ -207,10 +222,8 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
     def prepare(item: tuple[str, Path]) -> PreparedImage:
         image_id, path = item
         try:
-            image = load_image(path)
-            if crops and image_id in crops:
-                image = crop_to_box(image, crops[image_id])
-            return PreparedImage(image_id, path, image.shape[:2], extractor.inputs(image, str(path)), None)
+            inputs, image_size = extractor.file_inputs(path, crops.get(image_id) if crops else None)
+            return PreparedImage(image_id, path, image_size, inputs, None)
         except IMAGE_ERRORS as error:
             return PreparedImage(image_id, path, None, None, error)
 
@@ -258,5 +271,6 @@ def extract_folder(image_paths: Mapping[str, Path], store_path: str | Path, extr
     """extract_to_store into a store file, then compact it and write (or clear) its failures list."""
     with FeatureStore(store_path) as store:
         report = extract_to_store(image_paths, store, extractor, settings_hash)
+        store.compact()  # also merges the journal of an earlier run that stopped before compacting
     write_failures(store_path, report.failed)
     return report

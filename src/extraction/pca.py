@@ -43,13 +43,19 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise InputError(f"PCA {what} file {path} not found: {_PCA_HELP}")
     if path.endswith(".datum"):
         # The TF release ships its PCA as .datum; read it directly rather than make users convert.
-        return read_datum(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"PCA {what} file {path} cannot be read as a .npy array: {error}") from None
+        array = read_datum(path)
+    else:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise InputError(f"PCA {what} file {path} cannot be read as a .npy array: {error}") from None
     if not isinstance(array, np.ndarray):
         raise InputError(f"PCA {what} file {path} holds several arrays (.npz); need a single .npy array")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputError(f"PCA {what} file {path} holds {array.dtype} values; need real numbers")
+    if not np.isfinite(array).all():
+        # Blame the file here: otherwise every image's descriptors would come out NaN.
+        raise InputError(f"PCA {what} file {path} contains NaN or infinity")
     return array
 
 

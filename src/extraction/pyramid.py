@@ -12,13 +12,16 @@ pixels. Levels are round(H * factor * scale) x round(W * factor * scale), NCHW, 
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from model_utils.config import ExtractionConfig
-from src.extraction.images import resize_image
+from src.extraction.images import crop_to_box, load_image, read_image, resize_image
 
 LOGGER = logging.getLogger("delf.extract")
 
@@ -80,22 +83,54 @@ def tf_legacy_resize_bilinear(image: np.ndarray, height: int, width: int) -> np.
     return top + (bottom - top) * y_lerp[:, None, None]
 
 
-def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str = "") -> float:
-    """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound."""
+def _fit_factor(height: int, width: int, config: ExtractionConfig) -> tuple[float, float]:
+    """(factor before the pyramid, factor before the memory bound) of an image of (height, width)."""
     factor = 1.0
     largest = max(height, width)
     if 0 < config.max_image_size < largest:
         factor = config.max_image_size / largest
     elif 0 < largest < config.min_image_size:
         factor = config.min_image_size / largest
-    top_scale = max(config.image_scales)
-    level_pixels = height * width * (factor * top_scale) ** 2
+    unbounded = factor
+    level_pixels = height * width * (factor * max(config.image_scales)) ** 2
     if level_pixels > config.max_pixels_per_scale:
         factor *= (config.max_pixels_per_scale / level_pixels) ** 0.5
+    return factor, unbounded
+
+
+def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str = "") -> float:
+    """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound.
+
+    max_pixels_per_scale bounds the largest level, and so the network's memory: the default
+    (3.5 M pixels) keeps extraction of any image near 2.7 GB in PyNative mode (README).
+    """
+    factor, unbounded = _fit_factor(height, width, config)
+    if factor < unbounded:
         LOGGER.warning("%s: %dx%d is too large for pyramid scale %g (more than %d pixels); "
-                       "downscaled by %.3f", name or "image", width, height, top_scale,
+                       "downscaled by %.3f", name or "image", width, height, max(config.image_scales),
                        config.max_pixels_per_scale, factor)
     return factor
+
+
+def needed_image_size(height: int, width: int, config: ExtractionConfig) -> tuple[int, int]:
+    """The largest level's (h, w) for an image of (height, width): all the pyramid needs to decode."""
+    factor = _fit_factor(height, width, config)[0] * max(config.image_scales)
+    if factor >= 1.0:
+        return height, width
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def read_for_pyramid(path: str | Path, config: ExtractionConfig, crop: Sequence[float] | None = None
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file (or its [x1, y1, x2, y2] `crop`) as uint8 RGB, and the (h, w) its levels refer to.
+
+    Memory stays bounded for any image: a large JPEG is decoded only as large as the top pyramid
+    level needs (then the array is smaller than the returned size).
+    """
+    if crop is None:
+        return read_image(path, functools.partial(needed_image_size, config=config))
+    image = crop_to_box(load_image(path), crop)
+    return image, image.shape[:2]
 
 
 def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "",
@@ -121,9 +156,13 @@ def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "
 
 
 def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
-                   min_side: int = MIN_LEVEL_SIDE) -> list[LevelInput]:
-    """The network input of every usable pyramid level of a uint8 RGB image."""
-    height, width = image.shape[:2]
+                   min_side: int = MIN_LEVEL_SIDE, full_size: tuple[int, int] | None = None) -> list[LevelInput]:
+    """The network input of every usable pyramid level of a uint8 RGB image.
+
+    `full_size` is the image's real (H, W) when `image` was decoded reduced (images.read_image):
+    the levels and their scale_yx refer to the full size, so locations come out in its pixels.
+    """
+    height, width = full_size or image.shape[:2]
     sizes = level_sizes(height, width, config, name, min_side)
     if config.resize == "tf_legacy":
         normalized = normalize_image_hwc(image) if sizes else None

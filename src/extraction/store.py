@@ -19,17 +19,35 @@ Shards: a run split over N ranks (msrun) writes one store per rank, `<stem>.rank
 (features.h5 -> features.rank0-of-2.h5, ...). `open_store(path)` reads such a set as one store
 (read-only), so every reader takes the name of the whole store.
 
-CLI: python -m src.feature_io {export,compact,list} STORE ...
+
+Damage (a bad disk, a file overwritten by mistake) is detected, never returned: every image carries a
+CRC-32 of its arrays, size and settings (`checksum`, in the journal entry and as a group attribute),
+compaction writes the datasets with HDF5's fletcher32 filter and checksummed object headers, and
+every read checks the checksum and that all values are finite. A damaged image raises
+DamagedImageError naming it, and `is_done` says False so a resumed run re-extracts it. A store
+whose HDF5 index is damaged raises DamagedStoreError, which says how to recover: `python -m
+src.feature_io repair STORE` keeps every intact image, moves the damaged file aside, and the next
+run re-extracts the rest. Stores written before checksums existed ('delf-features-v1') are read as
+before (finite values and shapes are still checked); `repair` adds the checksums.
+
+CLI: python -m src.feature_io {export,compact,list,repair} STORE ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import gc
 import glob
+import logging
 import os
 import re
-from collections.abc import Sequence
+import shutil
+import sys
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote
@@ -44,6 +62,11 @@ from model_utils.files import TEMP_SUFFIX, atomic_output
 FIELDS = ("locations", "scales", "descriptors", "attention")
 JOURNAL_SUFFIX = ".journal"
 FAILURES_SUFFIX = ".failures.txt"  # the list of images that failed, beside a store (extractor.write_failures)
+DAMAGED_SUFFIX = ".damaged"
+FORMAT = "delf-features-v2"  # v2: per-image checksums; v1 (no checksums) is still read
+LOGGER = logging.getLogger("delf.store")
+# What reading a damaged HDF5 object or journal entry can raise (h5py, zipfile, NumPy's .npy parser).
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error)
 # File names are limited to 255 bytes on common file systems; keep room for the temp-file affixes.
 _MAX_ENCODED_ID = 200
 _TEMP_PATTERN = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")
@@ -54,6 +77,53 @@ class LocalFeatures(NamedTuple):
     scales: np.ndarray  # (N,) float32, 1 / pyramid scale
     descriptors: np.ndarray  # (N, D) float32
     attention: np.ndarray  # (N,) float32
+
+
+class StoredImage(NamedTuple):
+    features: LocalFeatures
+    image_size: tuple[int, int]  # (h, w)
+    settings_hash: str
+    verified: bool  # False for images written before checksums existed
+
+
+class RepairReport(NamedTuple):
+    kept: int  # intact images rewritten from the HDF5 file
+    damaged: dict[str, str]  # image id -> why it was dropped
+    index_damaged: str  # why no image could be listed at all ('' when the index was readable)
+    moved_to: Path | None  # where the old file went when anything was lost
+
+
+class DamagedImageError(InputError):
+    """One image of a store is unreadable or fails its checksum; re-extracting it repairs the store."""
+
+
+class DamagedStoreError(InputError):
+    """The store's HDF5 index itself is unreadable; `python -m src.feature_io repair` recovers it."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message  # what went wrong, without the advice
+
+
+def _repair_hint(path: Path) -> str:
+    return (f"run `python -m src.feature_io repair {path}` to keep its intact images (the damaged file is "
+            f"moved to {path.name}{DAMAGED_SUFFIX}), then rerun the extraction to redo the rest")
+
+
+def features_checksum(features: LocalFeatures, image_size: Sequence[int], settings_hash: str) -> str:
+    """CRC-32 of an image's arrays (shapes and float32 bytes), size and settings: 'crc32:xxxxxxxx'.
+
+    CRC-32 catches the random damage of disks and stray writes (it is no defence against forgery)
+    and runs at over 1 GB/s, so verifying a whole store on resume costs about one read of it.
+    """
+    crc = 0
+    for array in features:
+        array = np.ascontiguousarray(array, dtype="<f4")
+        crc = zlib.crc32(repr(array.shape).encode(), crc)
+        crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)  # no copy
+    crc = zlib.crc32(np.asarray(image_size, dtype="<i8").tobytes(), crc)
+    crc = zlib.crc32(settings_hash.encode("utf-8"), crc)
+    return f"crc32:{crc:08x}"
 
 
 def _encode_id(image_id: str) -> str:
@@ -69,7 +139,8 @@ def _encode_id(image_id: str) -> str:
     return encoded
 
 
-def _check_features(image_id: str, features: LocalFeatures) -> LocalFeatures:
+def _check_features(image_id: str, features: LocalFeatures, error: type[InputError] = InputError) -> LocalFeatures:
+    """`features` as float32 arrays; `error` when their shapes disagree or a value is not finite."""
     arrays = [np.asarray(a, dtype=np.float32) for a in features]
     locations, scales, descriptors, attention = arrays
     count = locations.shape[0] if locations.ndim else -1
@@ -81,13 +152,13 @@ def _check_features(image_id: str, features: LocalFeatures) -> LocalFeatures:
         and attention.shape == (count,)
     )
     if not shapes_ok:
-        raise InputError(
+        raise error(
             f"features of {image_id!r} have inconsistent shapes: locations {locations.shape}, scales "
             f"{scales.shape}, descriptors {descriptors.shape}, attention {attention.shape}"
         )
     bad = [name for name, a in zip(FIELDS, arrays, strict=True) if not np.isfinite(a).all()]
     if bad:
-        raise InputError(f"features of {image_id!r} contain NaN or infinity in {', '.join(bad)}")
+        raise error(f"features of {image_id!r} contain NaN or infinity in {', '.join(bad)}")
     return LocalFeatures(*arrays)
 
 
@@ -112,13 +183,14 @@ def _remove_dead_temporaries(directory: Path, prefix: str) -> None:
 class FeatureStore:
     """DELF features of an image set in one HDF5 file plus a journal; usable as a context manager."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, open_now: bool = True) -> None:
+        """`open_now=False` defers opening the HDF5 file (so `repair` can handle one that fails to open)."""
         self.path = Path(path)
         self.journal_dir = self.path.with_name(self.path.name + JOURNAL_SUFFIX)
         self._h5: h5py.File | None = None
         self._h5_identity: tuple[int, int, int] | None = None
         self._written = False
-        if self.path.exists():
+        if open_now and self.path.exists():
             self._hdf5()  # fail early on a file that is not a feature store
 
     # -- reading -----------------------------------------------------------------------------
@@ -142,72 +214,154 @@ class FeatureStore:
                     self._h5 = h5py.File(self.path, "r")
                 except OSError as error:
                     self._h5_identity = None
-                    raise InputError(f"{self.path} is not a readable HDF5 feature store: {error}") from None
+                    raise self._damaged_store(error, opening=True) from None
         return self._h5
+
+    def _damaged_store(self, error: BaseException, opening: bool = False) -> DamagedStoreError:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if opening and not _is_hdf5(self.path):  # a wrong file, or one damaged from its first byte
+            reason = f"{self.path} is not a readable HDF5 feature store ({reason})"
+            return DamagedStoreError(f"{reason}; if it was one, it is damaged beyond repair: move it aside and "
+                                     "rerun the extraction", reason)
+        what = "is not a readable HDF5 feature store" if opening else "has a damaged index"
+        reason = f"{self.path} {what} ({reason})"
+        return DamagedStoreError(f"{reason}; {_repair_hint(self.path)}", reason)
+
+    def _stored_names(self) -> list[str]:
+        """Encoded names of the images in the HDF5 file; DamagedStoreError when its index is unreadable."""
+        h5 = self._hdf5()
+        if h5 is None:
+            return []
+        try:
+            return list(h5.keys())
+        except _READ_ERRORS as error:
+            raise self._damaged_store(error) from None
 
     def _journal_path(self, image_id: str) -> Path:
         return self.journal_dir / (_encode_id(image_id) + ".npz")
 
+    def _damaged(self, image_id: str, where: str, reason: object) -> DamagedImageError:
+        reason = " ".join(str(reason).split()) or type(reason).__name__
+        return DamagedImageError(f"image {image_id!r} of feature store {self.path} is damaged ({where}: {reason}); "
+                                 "rerun the extraction to redo it")
+
     def _read_journal(self, image_id: str, keys: Sequence[str]) -> dict | None:
-        """Arrays `keys` of the journal entry of `image_id`, or None if there is none."""
+        """Arrays `keys` (those present) of the journal entry of `image_id`, or None if there is none."""
         path = self._journal_path(image_id)
         try:
-            # An .npz is a zip archive: only the members asked for are read.
+            # An .npz is a zip archive: only the members asked for are read (each checked by its CRC).
             with np.load(path, allow_pickle=False) as entry:
-                return {key: entry[key] for key in keys}
+                return {key: entry[key] for key in keys if key in entry.files}
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError) as error:
-            raise InputError(
-                f"journal entry {path} of feature store {self.path} is unreadable: {error}"
-            ) from None
+        except _READ_ERRORS as error:
+            raise self._damaged(image_id, f"journal entry {path.name}", error) from None
 
     def _group(self, image_id: str) -> h5py.Group | None:
-        h5 = self._hdf5()
         name = _encode_id(image_id)
-        return h5[name] if h5 is not None and name in h5 else None
+        h5 = self._hdf5()
+        if h5 is None:
+            return None
+        try:
+            if name not in h5:
+                return None
+        except _READ_ERRORS as error:
+            raise self._damaged_store(error) from None
+        try:
+            return h5[name]
+        except _READ_ERRORS as error:
+            raise self._damaged(image_id, "HDF5 group", error) from None
 
     def _missing(self, image_id: str) -> InputError:
         where = f"feature store {self.path}" + ("" if self.path.exists() else " (which does not exist yet)")
         return InputError(f"no features for image {image_id!r} in {where}")
 
-    def get(self, image_id: str) -> LocalFeatures:
-        """The stored features of one image; InputError if it is not stored."""
+    def _read_record(self, image_id: str, journal: bool = True) -> dict:
+        """The raw arrays and attributes of one image (journal first, unless `journal` is False), unverified."""
         # The journal first: compaction replaces the HDF5 file before deleting journal entries.
-        entry = self._read_journal(image_id, FIELDS)
+        entry = self._read_journal(image_id, (*FIELDS, "image_size", "settings_hash", "checksum")) if journal else None
         if entry is not None:
-            return LocalFeatures(*(entry[name] for name in FIELDS))
+            missing = [key for key in (*FIELDS, "image_size", "settings_hash") if key not in entry]
+            if missing:
+                raise self._damaged(image_id, "journal entry", f"no {', '.join(missing)}")
+            entry["settings_hash"] = str(entry["settings_hash"])
+            entry["checksum"] = str(entry["checksum"]) if "checksum" in entry else None
+            return entry
         group = self._group(image_id)
         if group is None:
             raise self._missing(image_id)
         try:
-            return LocalFeatures(*(group[name][()] for name in FIELDS))
-        except KeyError as error:
-            raise InputError(
-                f"group {image_id!r} of feature store {self.path} is incomplete: {error}"
-            ) from None
+            attrs = group.attrs
+            record = {name: group[name][()] for name in FIELDS}  # fletcher32 is checked here
+            record["image_size"] = np.asarray(attrs["image_size"])
+            record["settings_hash"] = str(attrs["settings_hash"])
+            record["checksum"] = str(attrs["checksum"]) if "checksum" in attrs else None
+        except _READ_ERRORS as error:
+            raise self._damaged(image_id, "HDF5 group", error) from None
+        return record
+
+    def stored(self, image_id: str, journal: bool = True) -> StoredImage:
+        """One image's features and attributes, verified (checksum, shapes, finite values).
+
+        InputError if it is not stored; DamagedImageError if it is damaged. `journal=False` reads
+        the HDF5 group even when a newer journal entry exists.
+        """
+        record = self._read_record(image_id, journal)
+        size = np.asarray(record["image_size"]).ravel()
+        if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size <= 0).any():
+            raise self._damaged(image_id, "attributes", f"image_size {size.tolist()}")
+        image_size = (int(size[0]), int(size[1]))
+        raw = LocalFeatures(*(np.asarray(record[name]) for name in FIELDS))
+        if any(array.dtype != np.float32 for array in raw):
+            raise self._damaged(image_id, "arrays", "not float32")
+        if record["checksum"] is not None and record["checksum"] != features_checksum(
+                raw, image_size, record["settings_hash"]):
+            raise self._damaged(image_id, "checksum", "the stored data does not match its checksum")
+        try:
+            features = _check_features(image_id, raw, DamagedImageError)
+        except DamagedImageError as error:
+            raise self._damaged(image_id, "arrays", error) from None
+        return StoredImage(features, image_size, record["settings_hash"], record["checksum"] is not None)
+
+    def get(self, image_id: str) -> LocalFeatures:
+        """The stored features of one image, verified; InputError if it is not stored or damaged."""
+        return self.stored(image_id).features
 
     def attributes(self, image_id: str) -> dict:
-        """image_size (h, w), settings_hash and num_features of one stored image."""
+        """image_size (h, w), settings_hash and num_features of one stored image (not verified)."""
         entry = self._read_journal(image_id, ("image_size", "settings_hash", "scales"))
-        if entry is not None:
-            size, settings_hash, count = entry["image_size"], entry["settings_hash"], entry["scales"].shape[0]
-        else:
-            group = self._group(image_id)
-            if group is None:
-                raise self._missing(image_id)
-            attrs = group.attrs
-            size, settings_hash, count = attrs["image_size"], attrs["settings_hash"], attrs["num_features"]
-        return {
-            "image_size": (int(size[0]), int(size[1])),
-            "settings_hash": str(settings_hash),
-            "num_features": int(count),
-        }
+        try:
+            if entry is not None:
+                size, settings_hash, count = entry["image_size"], entry["settings_hash"], entry["scales"].shape[0]
+            else:
+                group = self._group(image_id)
+                if group is None:
+                    raise self._missing(image_id)
+                attrs = group.attrs
+                size, settings_hash, count = attrs["image_size"], attrs["settings_hash"], attrs["num_features"]
+            return {
+                "image_size": (int(size[0]), int(size[1])),
+                "settings_hash": str(settings_hash),
+                "num_features": int(count),
+            }
+        except (*_READ_ERRORS, IndexError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise self._damaged(image_id, "attributes", error) from None
 
     def is_done(self, image_id: str, settings_hash: str) -> bool:
-        """True when the image is stored and was extracted with these settings."""
+        """True when the image is stored intact and was extracted with these settings.
+
+        The image is read and verified, so a damaged one is redone by a resumed run (its reason is
+        logged). DamagedStoreError when the store's index itself is damaged.
+        """
         try:
-            return self.attributes(image_id)["settings_hash"] == settings_hash
+            return self.stored(image_id).settings_hash == settings_hash
+        except DamagedImageError as error:
+            LOGGER.warning("%s", error)
+            return False
+        except DamagedStoreError:
+            raise
         except InputError:
             return False
 
@@ -216,9 +370,7 @@ class FeatureStore:
         names = set()
         if self.journal_dir.is_dir():
             names.update(p.name[: -len(".npz")] for p in self.journal_dir.glob("*.npz"))
-        h5 = self._hdf5()
-        if h5 is not None:
-            names.update(h5.keys())
+        names.update(self._stored_names())
         return sorted(unquote(name) for name in names)
 
     # -- writing -----------------------------------------------------------------------------
@@ -241,57 +393,149 @@ class FeatureStore:
                 image_id=np.array(image_id),
                 image_size=np.array([height, width], dtype=np.int64),
                 settings_hash=np.array(settings_hash),
+                checksum=np.array(features_checksum(features, (height, width), settings_hash)),
             )
         self._written = True
 
-    def compact(self) -> None:
-        """Merge the journal into a new HDF5 file that replaces the store, then drop merged entries."""
-        if not self.journal_dir.is_dir():
-            return
+    @contextlib.contextmanager
+    def _compaction_lock(self) -> Iterator[None]:
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
         lock = os.open(self.journal_dir, os.O_RDONLY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one compaction at a time; puts need no lock
+            yield
+        finally:
+            os.close(lock)
+
+    def compact(self) -> None:
+        """Merge the journal into a new HDF5 file that replaces the store, then drop merged entries.
+
+        A damaged journal entry is left in place (and logged): it stays 'not done' until re-extracted.
+        """
+        if not self.journal_dir.is_dir():
+            return
+        with self._compaction_lock():
             _remove_dead_temporaries(self.journal_dir, ".")
             _remove_dead_temporaries(self.path.parent, f".{self.path.name}.")
             entries = sorted(self.journal_dir.glob("*.npz"))
             if entries:
-                merged = self._write_compacted(entries)
+                with self._no_space_is_one_line(entries):
+                    merged = self._write_compacted(entries)
                 for path, identity in merged:
                     # A worker may have re-put this image meanwhile; keep that newer entry.
                     with contextlib.suppress(FileNotFoundError):
                         status = os.stat(path)
                         if (status.st_ino, status.st_mtime_ns) == identity:
                             path.unlink()
+
+    @contextlib.contextmanager
+    def _no_space_is_one_line(self, entries: list[Path]) -> Iterator[None]:
+        """Check for room before compacting, and turn a full disk during it into one InputError.
+
+        Without this, HDF5 failing to write ends in a chained traceback plus 'Exception ignored'
+        reports from h5py's object destructors, hiding the ENOSPC.
+        """
+        def message(detail: str) -> str:
+            return (f"no space left on device to compact feature store {self.path} ({detail}); its "
+                    f"{len(entries)} journal entries are safe: free space and rerun to resume "
+                    f"(or `python -m src.feature_io compact {self.path}`)")
+
+        journal_bytes = sum(path.stat().st_size for path in entries)
+        old_bytes = self.path.stat().st_size if self.path.exists() else 0
+        # HDF5 chunk and header overhead is a few percent; the old file stays until the new one is whole.
+        needed = int((old_bytes + journal_bytes) * 1.1) + 2**20
+        free = shutil.disk_usage(self.path.parent).free
+        if free < needed:
+            raise InputError(message(f"needs about {needed / 2**20:.1f} MB, {free / 2**20:.1f} MB free"))
+        silenced = []
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = silenced.append  # h5py reports failed destructors this way
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            text = str(error)
+            if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text \
+                    or "No space left" in text:
+                raise InputError(message("the disk filled up while writing")) from None
+            raise
         finally:
-            os.close(lock)
+            gc.collect()  # run the destructors while their reports are silenced
+            sys.unraisablehook = previous_hook
+            for report in silenced:
+                LOGGER.debug("during compaction of %s: %s", self.path, report.exc_value)
 
     def _write_compacted(self, entries: list[Path]) -> list[tuple[Path, tuple[int, int]]]:
-        """Write old groups + journal `entries` to a new file that replaces the store."""
-        merged = []
+        """Write journal `entries` + the other old groups to a new file that replaces the store.
+
+        One pass, one image in memory at a time; an entry that fails verification is not merged
+        and the old group of that image (if any) is kept.
+        """
+        merged: list[tuple[Path, tuple[int, int]]] = []
         old = self._hdf5()
-        journal_names = {path.name[: -len(".npz")] for path in entries}
-        kept_names = [name for name in old if name not in journal_names] if old is not None else []
-        show = len(kept_names) + len(entries) >= 1000
-        with atomic_output(self.path) as temporary, h5py.File(temporary, "w") as new:
-            new.attrs["format"] = "delf-features-v1"
-            for name in tqdm(kept_names, desc="compact: copy", unit="image", disable=not show):
-                old.copy(old[name], new, name=name)  # H5Ocopy: no round trip through NumPy
+        old_names = self._stored_names()
+        show = len(old_names) + len(entries) >= 1000
+        # libver v108: object headers carry checksums, so damaged metadata is detected, not misread.
+        with atomic_output(self.path) as temporary, h5py.File(temporary, "w", libver=("v108", "latest")) as new:
+            new.attrs["format"] = FORMAT
             for path in tqdm(entries, desc="compact: journal", unit="image", disable=not show):
                 status = os.stat(path)
                 image_id = unquote(path.name[: -len(".npz")])
-                entry = self._read_journal(image_id, (*FIELDS, "image_size", "settings_hash"))
-                if entry is None:
-                    raise InputError(f"journal entry {path} vanished during compaction of {self.path}")
-                group = new.create_group(path.name[: -len(".npz")])
-                for name in FIELDS:
-                    group.create_dataset(name, data=entry[name])
-                group.attrs["image_id"] = image_id
-                group.attrs["image_size"] = entry["image_size"]
-                group.attrs["settings_hash"] = str(entry["settings_hash"])
-                group.attrs["num_features"] = entry["locations"].shape[0]
+                try:
+                    record = self.stored(image_id)
+                except DamagedImageError as error:
+                    LOGGER.warning("%s; its journal entry is left unmerged", error)
+                    continue
+                except InputError as error:
+                    raise InputError(f"journal entry {path} vanished during compaction of {self.path}") from error
+                _write_group(new, image_id, record)
                 merged.append((path, (status.st_ino, status.st_mtime_ns)))
+            merged_names = {path.name[: -len(".npz")] for path, _ in merged}
+            kept_names = [name for name in old_names if name not in merged_names]
+            for name in tqdm(kept_names, desc="compact: copy", unit="image", disable=not show):
+                try:
+                    old.copy(old[name], new, name=name)  # H5Ocopy: no round trip through NumPy
+                except _READ_ERRORS as error:
+                    # Unreadable, so already lost: dropping it makes it 'not done', redone on resume.
+                    LOGGER.warning("%s", self._damaged(unquote(name), "HDF5 group, dropped by compaction", error))
+                    with contextlib.suppress(KeyError):
+                        del new[name]
         self._hdf5()  # pick up the new file
         return merged
+
+    def repair(self) -> RepairReport:
+        """Rewrite the store with its intact images (adding checksums to unverified ones), then compact.
+
+        The old file is moved to `<store>.damaged` when anything in it was lost, so nothing is
+        deleted; the lost images are 'not done' and redone by the next extraction run.
+        """
+        kept, damaged, index_damaged, moved_to = 0, {}, "", None
+        if self.path.exists() and not _is_hdf5(self.path):
+            raise InputError(f"{self.path} is not an HDF5 file at all, so nothing in it can be repaired: move it "
+                             "aside and rerun the extraction")
+        with self._compaction_lock():
+            if self.path.exists():
+                try:
+                    names = self._stored_names()
+                except DamagedStoreError as error:
+                    names, index_damaged = [], error.reason
+                with atomic_output(self.path) as temporary, \
+                        h5py.File(temporary, "w", libver=("v108", "latest")) as new:
+                    new.attrs["format"] = FORMAT
+                    for name in tqdm(names, desc="repair", unit="image", disable=len(names) < 1000):
+                        image_id = unquote(name)
+                        try:
+                            record = self.stored(image_id, journal=False)
+                        except DamagedImageError as error:
+                            damaged[image_id] = str(error)
+                            continue
+                        _write_group(new, image_id, record)
+                        kept += 1
+                    if damaged or index_damaged:
+                        moved_to = self.path.with_name(self.path.name + DAMAGED_SUFFIX)
+                        os.replace(self.path, moved_to)
+                self._hdf5()
+        self.compact()
+        return RepairReport(kept, damaged, index_damaged, moved_to)
 
     def close(self) -> None:
         """Compact if this object wrote anything, then release the HDF5 file."""
@@ -308,8 +552,33 @@ class FeatureStore:
     def __enter__(self) -> FeatureStore:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except InputError as error:  # e.g. no room to compact after a full disk: the first error says more
+            LOGGER.warning("%s", error)
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        return h5py.is_hdf5(path)
+    except OSError:
+        return False
+
+
+def _write_group(new: h5py.File, image_id: str, record: StoredImage) -> None:
+    """One verified image as a group: fletcher32 datasets, attributes and the checksum."""
+    group = new.create_group(_encode_id(image_id))
+    for name, array in zip(FIELDS, record.features, strict=True):
+        group.create_dataset(name, data=array, fletcher32=True)  # HDF5 checks it on every read
+    group.attrs["image_id"] = image_id
+    group.attrs["image_size"] = np.array(record.image_size, dtype=np.int64)
+    group.attrs["settings_hash"] = record.settings_hash
+    group.attrs["num_features"] = record.features.locations.shape[0]
+    group.attrs["checksum"] = features_checksum(record.features, record.image_size, record.settings_hash)
 
 
 def _npz_path(output_dir: Path, image_id: str) -> Path:

@@ -186,6 +186,9 @@ def _check_features(features: LocalFeatures, name: str) -> None:
         raise InputError(
             f"{name}: descriptors must have shape (N, D) with N = {len(locations)} locations, got {descriptors.shape}"
         )
+    for what, array in (("locations", locations), ("descriptors", descriptors)):
+        if not np.isfinite(array).all():
+            raise InputError(f"{name}: {what} contain NaN or infinity (damaged features?)")
 
 
 def _check_settings(engine, distance_threshold, residual_threshold, max_trials, min_samples) -> None:

@@ -24,13 +24,9 @@ FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 INPUT_SHAPES = ("auto", "dynamic", "static")
 
 
-def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
-                   input_sizes: list[tuple[int, int]] | None = None) -> list[Path]:
-    """Export `model` (DelfModel "test", native convolutions); returns the written files.
-
-    input_sizes None: one dynamic-H/W model `<file_name>.mindir`; otherwise one static model per
-    distinct (H, W), `<file_name>_<H>x<W>.<ext>`.
-    """
+def export_paths(file_name: str | Path, file_format: str = "MINDIR",
+                 input_sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+    """The files export_network writes for these arguments (so a CLI can check them before any work)."""
     if file_format not in FORMATS:
         raise InputError(f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}")
     suffix = FORMATS[file_format]
@@ -39,11 +35,23 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
         if file_format != "MINDIR":
             raise InputError("MindSpore's ONNX exporter has no dynamic shapes: use --input_shape static "
                              "(with extraction.max_image_size) for ONNX")
-        targets = [(base.with_name(base.name + suffix), Tensor(shape=[1, 3, None, None], dtype=mindspore.float32))]
+        return [base.with_name(base.name + suffix)]
+    return [base.with_name(f"{base.name}_{height}x{width}{suffix}") for height, width in dict.fromkeys(input_sizes)]
+
+
+def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
+                   input_sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+    """Export `model` (DelfModel "test", native convolutions); returns the written files.
+
+    input_sizes None: one dynamic-H/W model `<file_name>.mindir`; otherwise one static model per
+    distinct (H, W), `<file_name>_<H>x<W>.<ext>`.
+    """
+    suffix = FORMATS.get(file_format, "")
+    paths = export_paths(file_name, file_format, input_sizes)
+    if input_sizes is None:
+        examples = [Tensor(shape=[1, 3, None, None], dtype=mindspore.float32)]
     else:
-        targets = [(base.with_name(f"{base.name}_{height}x{width}{suffix}"),
-                    Tensor(np.zeros((1, 3, height, width), np.float32)))
-                   for height, width in dict.fromkeys(input_sizes)]
+        examples = [Tensor(np.zeros((1, 3, height, width), np.float32)) for height, width in dict.fromkeys(input_sizes)]
     backbone = getattr(model, "backbone_name", "keras")
     if input_sizes is not None and backbone != "keras":
         # Canvas inputs rely on the Keras stem's padding (src/ascend310/preprocess.place_on_canvas); the
@@ -51,7 +59,7 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
         raise InputError(f"static input shapes are not supported for the {backbone} backbone (imported TF DELF "
                          "models): export the dynamic MindIR (--input_shape dynamic)")
     model.set_train(False)
-    base.parent.mkdir(parents=True, exist_ok=True)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     written = []
 
     def record_backbone(mindir_model) -> None:
@@ -61,7 +69,7 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
     for cell in softplus_cells:
         cell.for_onnx = file_format == "ONNX"
     try:
-        for target, example in targets:
+        for target, example in zip(paths, examples, strict=True):
             extra = {"custom_func": record_backbone} if file_format == "MINDIR" else {}
             with atomic_output(target, suffix=suffix) as temporary:
                 mindspore.export(model, example, file_name=str(temporary), file_format=file_format, **extra)

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model_utils.cli import InputError
-from model_utils.files import atomic_write_text
+from model_utils.files import atomic_write_text, give_umask_permissions
 
 SCHEMA = {"data": {"type": "bytes"}, "label": {"type": "int64"}, "file_id": {"type": "string"}}
 TRAIN_PREFIX = "train.mindrecord"
@@ -371,6 +371,7 @@ def _finish(staging: Path, output_directory: Path, previous: list[Path], splits:
     for path in previous:
         path.unlink()
     for path in sorted(staging.iterdir()):
+        give_umask_permissions(path)  # MindSpore's FileWriter makes its shards 0600
         os.replace(path, output_directory / path.name)
     atomic_write_text(output_directory / INFO_FILE, json.dumps(report, indent=2) + "\n")
     report["output_directory"] = str(output_directory)
