@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eval import main as eval_main
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig, get_config
 from model_utils.files import find_image, list_images
 from src.ascend310.preprocess import Job, preprocess
+from src.extract_feature import main as extract_feature_main
 from src.extraction.dataset import build_feature_dataset
 from src.extraction.extractor import DelfExtractor, extract_to_store, failures_path, write_failures
 from src.extraction.pyramid import MIN_LEVEL_SIDE, level_sizes
@@ -127,13 +129,11 @@ def test_dataset_builder_and_eval_report_bad_images(tmp_path, random_checkpoint,
     with FeatureStore(index_store) as store, FeatureStore(query_store) as queries:
         assert store.image_ids() == good and queries.image_ids() == ["good1"]
 
-    import eval as eval_cli  # the top-level CLI module, whose name shadows the builtin only here
-
     gt_path = tmp_path / "gnd_toy.pkl"
     gt_path.write_bytes(pickle.dumps({**ground_truth, "gnd": [{k: np.asarray(v) for k, v in g.items()}
                                                               for g in ground_truth["gnd"]]}))
     with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["--images_path", str(tmp_path / "images"), "--gt_path", str(gt_path), "--output_dir",
+        eval_main(["--images_path", str(tmp_path / "images"), "--gt_path", str(gt_path), "--output_dir",
                        str(tmp_path / "eval"), "--ckpt_path", str(random_checkpoint), "--mode=pynative",
                        "--extraction.image_scales=[0.5,1.0]", "--extraction.use_pca=false"])
     error = capsys.readouterr().err
@@ -164,12 +164,10 @@ def test_same_name_different_suffix_is_one_rule_everywhere(tmp_path):
 
 
 def test_list_images_path_takes_any_number_of_names(tmp_path, random_checkpoint):
-    from src.extract_feature import main
-
     good, _ = bad_files(tmp_path / "images")
     listing = tmp_path / "list.txt"
     listing.write_text("# three of them\ngood1\ngood2.jpg\n\nsmall\n")
-    assert main(["--images_path", str(tmp_path / "images"), "--output_path", str(tmp_path / "f.h5"),
+    assert extract_feature_main(["--images_path", str(tmp_path / "images"), "--output_path", str(tmp_path / "f.h5"),
                  "--list_images_path", str(listing), "--ckpt_path", str(random_checkpoint), "--log_path=",
                  "--mode=pynative", "--extraction.image_scales=[0.5]", "--extraction.use_pca=false"]) == 0
     assert FeatureStore(tmp_path / "f.h5").image_ids() == good

@@ -9,6 +9,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from mindspore import Tensor
 from PIL import Image
 
 from model_utils.config import ExtractionConfig
@@ -28,8 +29,6 @@ class FakeNetwork:
         pass
 
     def __call__(self, tensor):
-        from mindspore import Tensor  # heavy import only where the fake runs
-
         _, _, height, width = tensor.shape
         self.inputs.append((height, width))
         rows, cols = -(-height // 16), -(-width // 16)

@@ -18,10 +18,11 @@ from gldv2_fixture import make_tiny_gldv2
 from PIL import Image
 
 from model_utils.cli import setup_logging
-from model_utils.files import atomic_write_text
+from model_utils.files import atomic_output, atomic_write_text
 from src.extraction.extractor import write_failures
 from src.extraction.pca import fit_pca, save_pca
 from src.extraction.store import FeatureStore, LocalFeatures, export_npz
+from src.match_images import main as match_images_main
 from src.matching.draw import draw_matches
 from src.matching.verify import MatchResult
 from src.model.export import export_network
@@ -137,11 +138,9 @@ def test_unwritable_output_is_one_line_before_any_work(case, tmp_path, unwritabl
 
 
 def test_output_image_that_is_a_folder_is_refused(tmp_path, capsys):
-    from src.match_images import main
-
     (tmp_path / "out.png").mkdir()
     with pytest.raises(SystemExit):
-        main(["--images_path", str(_images(tmp_path)), "--features_path", str(_store(tmp_path)),
+        match_images_main(["--images_path", str(_images(tmp_path)), "--features_path", str(_store(tmp_path)),
               "--image_1", "a", "--image_2", "b", "--output_image", str(tmp_path / "out.png")])
     assert f"output image {tmp_path / 'out.png'} is a directory, not a file" in capsys.readouterr().err
 
@@ -206,8 +205,6 @@ def test_every_writer_honours_the_umask(tmp_path, shared_data, mask, expected):
 
 
 def test_atomic_temporaries_stay_private_until_renamed(tmp_path):
-    from model_utils.files import atomic_output
-
     with umask(0o022), atomic_output(tmp_path / "x.bin") as temporary:
         temporary.write_bytes(b"secret until complete")
         assert _mode(temporary) == 0o600
