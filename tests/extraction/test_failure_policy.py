@@ -145,10 +145,9 @@ def test_dataset_builder_and_eval_report_bad_images(tmp_path, random_checkpoint,
 def test_310_preprocess_skips_bad_images(tmp_path):
     good, bad = bad_files(tmp_path / "images")
     jobs = [Job("features.h5", image_id, path, None) for image_id, path in list_images(tmp_path / "images").items()]
-    failed = {}
-    preprocess(jobs, ExtractionConfig(**FAST), tmp_path / "work", max_pending=0, progress=False, failed=failed)
-    assert sorted(failed) == bad
-    assert len(list((tmp_path / "work" / "manifests").glob("*.json"))) == len(good)
+    images = preprocess(jobs, ExtractionConfig(**FAST), tmp_path / "work", progress=False)
+    assert sorted(image["image_id"] for image in images if "error" in image) == bad
+    assert sorted(image["image_id"] for image in images if "levels" in image) == good
 
 
 def test_same_name_different_suffix_is_one_rule_everywhere(tmp_path):
