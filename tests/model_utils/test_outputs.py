@@ -104,15 +104,22 @@ CASES = {
                                            "--output_directory", ro / "ds"]),
     "feature_io export": ("src.feature_io", "export_npz", lambda t, ro: ["export", _store(t), ro / "npz"]),
     "demo": ("src.demo", "setup_device", lambda t, ro: ["--output_image", ro / "d.png"]),
-    "310 preprocess": ("src.ascend310.preprocess", "plan_jobs",
+    "310 preprocess": ("src.preprocess", "plan_jobs",
                        lambda t, ro: ["--images_path", _images(t), "--output_path", ro / "work"]),
-    "310 postprocess": ("src.ascend310.postprocess", "postprocess",
+    "310 postprocess": ("src.postprocess", "postprocess",
                         lambda t, ro: ["--work_path", t, "--mindir_path", t / "x.mindir", "--output_dir", ro / "o"]),
-    "310 postprocess log": ("src.ascend310.postprocess", "postprocess",
+    "310 postprocess log": ("src.postprocess", "postprocess",
                             lambda t, ro: ["--work_path", t, "--mindir_path", t / "x.mindir", "--output_dir", t,
                                            "--log_path", ro / "p.log"]),
-    "310 runner": ("src.ascend310.runner", "run_inference",
+    "310 runner": ("src.infer_mindir", "run_inference",
                    lambda t, ro: ["--mindir_path", t / "x.mindir", "--input_path", t, "--output_path", ro / "o"]),
+    "310 chunked driver": ("src.infer_310", "run_chunked",
+                           lambda t, ro: ["--mindir_path", t / "x.mindir", "--images_path", _images(t),
+                                          "--work_path", t / "work", "--output_dir", ro / "o"]),
+    "310 chunked driver log": ("src.infer_310", "run_chunked",
+                               lambda t, ro: ["--mindir_path", t / "x.mindir", "--images_path", _images(t),
+                                              "--work_path", t / "work", "--output_dir", t / "o",
+                                              "--log_path", ro / "i.log"]),
 }
 
 
@@ -126,8 +133,6 @@ def test_unwritable_output_is_one_line_before_any_work(case, tmp_path, unwritabl
         raise AssertionError(f"{module_name}.{work} ran before the output check")
 
     monkeypatch.setattr(module, work, work_started)
-    if module_name == "src.ascend310.runner":  # imports setup_device inside main()
-        monkeypatch.setattr("model_utils.device.setup_device", lambda *a, **k: "CPU")
     argv = [str(arg) for arg in make_argv(tmp_path, unwritable)]
     with pytest.raises(SystemExit) as exit_info:
         module.main(argv)
