@@ -55,6 +55,18 @@ def _file_handler(log_path: str | Path) -> logging.FileHandler:
     return handler
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(log_path: str | Path | None = None, terminal_level: int = logging.WARNING) -> None:
     """The suite's loggers ('delf.*'): INFO and up to `log_path`, `terminal_level` and up to stderr.
 
@@ -65,7 +77,7 @@ def setup_logging(log_path: str | Path | None = None, terminal_level: int = logg
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
         handler.close()
-    terminal = logging.StreamHandler()
+    terminal = _StderrHandler()
     terminal.setLevel(terminal_level)
     terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if terminal_level > logging.INFO
                                             else "%(message)s"))
