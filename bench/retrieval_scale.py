@@ -226,7 +226,7 @@ def print_rows(rows: list[Row], header: bool) -> None:
               f"{found:>9}  {row.note}")
 
 
-def search_at(size: int, rows: list[Row]) -> float:
+def search_at(size: int, rows: list[Row]) -> tuple[float, str]:
     """Search seconds at `size` from a line a + b * images fitted to the measured sizes (a, b >= 0:
     a fixed part such as quantising the query, a part scanning lists that grow with the
     database); proportional to the largest measured size when the fit is not of that form."""
@@ -235,8 +235,8 @@ def search_at(size: int, rows: list[Row]) -> float:
     if len(rows) > 1:
         slope, intercept = np.polyfit(sizes, seconds, 1)
         if slope >= 0 and intercept >= 0:
-            return float(intercept + slope * size)
-    return float(seconds[-1] * size / sizes[-1])
+            return float(intercept + slope * size), "line fit"
+    return float(seconds[-1] * size / sizes[-1]), f"proportional to {int(sizes[-1])} images"
 
 
 def print_summary(rows: list[Row], args, pair_seconds: float) -> None:
@@ -252,14 +252,15 @@ def print_summary(rows: list[Row], args, pair_seconds: float) -> None:
     last = asmk[-1]
     if len(asmk) > 1:
         add_rate = (asmk[-1].build_seconds - asmk[-2].build_seconds) / (asmk[-1].size - asmk[-2].size)
-        search = search_at(ONE_MILLION, asmk)
+        search, how = search_at(ONE_MILLION, asmk)
         print(f"  asmk: index {last.bytes_per_image * ONE_MILLION / 2**30:.1f} GB "
               f"({last.bytes_per_image:.0f} bytes per image), build {add_rate * ONE_MILLION / 3600:.1f} h "
-              f"({1e3 * add_rate:.2f} ms per image), search {1e3 * search:.0f} ms per query (line fit), "
+              f"({1e3 * add_rate:.2f} ms per image), search {1e3 * search:.0f} ms per query ({how}), "
               f"re-rank {last.rerank_seconds:.2f} s, total {search + last.rerank_seconds:.2f} s per query")
     if fast:
+        search, how = search_at(ONE_MILLION, fast)
         print(f"  fast: {ONE_MILLION * args.features * DIM * 4 / 2**30:.0f} GB of descriptors in memory, search "
-              f"{search_at(ONE_MILLION, fast):.1f} s per query (line fit)")
+              f"{search:.1f} s per query ({how})")
     print(f"  exhaustive: {pair_seconds * ONE_MILLION / 3600:.1f} h per query "
           f"({1e3 * pair_seconds:.2f} ms per pair, batched)")
 
