@@ -12,7 +12,7 @@ them from a feature store is timed by bench/retrieval.py). Exhaustive verifies e
 positives plus --exhaustive_pairs random distractors: its time is EXTRAPOLATED as per-pair cost
 x images, and a positive counts as found when its inliers exceed every sampled distractor's.
 Last, everything is extrapolated to 1M images (R1M's scale): bytes and per-image build cost
-linearly, search time by a line fitted over the sizes.
+linearly, search time by a line fitted over the sizes (search_at).
 
     python bench/retrieval_scale.py [--sizes 10000 30000 100000] [--features 300] [--queries 5]
 """
@@ -226,10 +226,17 @@ def print_rows(rows: list[Row], header: bool) -> None:
               f"{found:>9}  {row.note}")
 
 
-def fit_line(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """(intercept, slope) of seconds = a + b * size, least squares."""
-    slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
-    return float(intercept), float(slope)
+def search_at(size: int, rows: list[Row]) -> tuple[float, str]:
+    """Search seconds at `size` from a line a + b * images fitted to the measured sizes (a, b >= 0:
+    a fixed part such as quantising the query, a part scanning lists that grow with the
+    database); proportional to the largest measured size when the fit is not of that form."""
+    sizes = np.array([r.size for r in rows], float)
+    seconds = np.array([r.search_seconds for r in rows], float)
+    if len(rows) > 1:
+        slope, intercept = np.polyfit(sizes, seconds, 1)
+        if slope >= 0 and intercept >= 0:
+            return float(intercept + slope * size), "line fit"
+    return float(seconds[-1] * size / sizes[-1]), f"proportional to {int(sizes[-1])} images"
 
 
 def print_summary(rows: list[Row], args, pair_seconds: float) -> None:
@@ -245,18 +252,15 @@ def print_summary(rows: list[Row], args, pair_seconds: float) -> None:
     last = asmk[-1]
     if len(asmk) > 1:
         add_rate = (asmk[-1].build_seconds - asmk[-2].build_seconds) / (asmk[-1].size - asmk[-2].size)
-        intercept, slope = fit_line([r.size for r in asmk], [r.search_seconds for r in asmk])
-        search = intercept + slope * ONE_MILLION
+        search, how = search_at(ONE_MILLION, asmk)
         print(f"  asmk: index {last.bytes_per_image * ONE_MILLION / 2**30:.1f} GB "
               f"({last.bytes_per_image:.0f} bytes per image), build {add_rate * ONE_MILLION / 3600:.1f} h "
-              f"({1e3 * add_rate:.2f} ms per image), search {1e3 * search:.0f} ms per query (line fit), "
+              f"({1e3 * add_rate:.2f} ms per image), search {1e3 * search:.0f} ms per query ({how}), "
               f"re-rank {last.rerank_seconds:.2f} s, total {search + last.rerank_seconds:.2f} s per query")
-    if len(fast) > 1:
-        intercept, slope = fit_line([r.size for r in fast], [r.search_seconds for r in fast])
+    if fast:
+        search, how = search_at(ONE_MILLION, fast)
         print(f"  fast: {ONE_MILLION * args.features * DIM * 4 / 2**30:.0f} GB of descriptors in memory, search "
-              f"{intercept + slope * ONE_MILLION:.1f} s per query (line fit)")
-    else:
-        print(f"  fast: {ONE_MILLION * args.features * DIM * 4 / 2**30:.0f} GB of descriptors in memory")
+              f"{search:.1f} s per query ({how})")
     print(f"  exhaustive: {pair_seconds * ONE_MILLION / 3600:.1f} h per query "
           f"({1e3 * pair_seconds:.2f} ms per pair, batched)")
 

@@ -16,7 +16,7 @@ The pieces, as the HOW / FIRe reference (jenicek/asmk) uses them:
   an image's self-similarity is its number of words.
 
 Large codebooks are trained in two levels (k-means into sqrt(size) cells, then each cell's
-descriptors into words), which costs a 256th of flat k-means at 65,536 words, and searched
+descriptors into words), about a 128th of flat k-means at 65,536 words, and searched
 through those cells (a faiss inverted file over the centroids, `probes` cells per descriptor):
 flat search over 65,536 words would cost 0.3 s per 1000-descriptor query here.
 """
@@ -58,7 +58,7 @@ _POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.u
 
 def default_codebook_size(num_images: int) -> int:
     """WORDS_PER_DATABASE_IMAGE words per database image, rounded to a power of two, within
-    [MIN_CODEBOOK_SIZE, MAX_CODEBOOK_SIZE]: 65,536 words from 4,096 images on (Oxford5k, R1M)."""
+    [MIN_CODEBOOK_SIZE, MAX_CODEBOOK_SIZE]: 65,536 words from ~2,900 images on (Oxford5k, R1M)."""
     wanted = max(1, num_images) * WORDS_PER_DATABASE_IMAGE
     return int(min(max(2 ** round(math.log2(wanted)), MIN_CODEBOOK_SIZE), MAX_CODEBOOK_SIZE))
 
