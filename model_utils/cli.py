@@ -8,7 +8,7 @@ import errno
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -53,6 +53,17 @@ def _file_handler(log_path: str | Path) -> logging.FileHandler:
         raise InputError(f"cannot write log file {log_path}: {error.strerror or error}") from None
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     return handler
+
+
+def report_failures(reasons: Collection[str], listed_in: str | Path, accept: bool) -> int:
+    """Print the images that failed (one reason a line) to stderr; the exit status: 1 when any
+    failed, unless `accept` (the skip_bad_images setting)."""
+    if not reasons:
+        return 0
+    print(f"{len(reasons)} image(s) failed (listed in {listed_in}):", file=sys.stderr)
+    for reason in reasons:
+        print(f"  {reason}", file=sys.stderr)
+    return 0 if accept else 1
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python src/build_feature_dataset.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_utils.cli import cli_main, setup_logging  # noqa: E402
+from model_utils.cli import cli_main, report_failures, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import list_images, require_writable, require_writable_dir  # noqa: E402
 from src.evaluation.ground_truth import load_ground_truth  # noqa: E402
@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args.images_path, ground_truth, args.output_dir, config, args.ckpt_path, parse_devices(args.devices),
         args.log_path, shard)
     print(f"{f'{shard}: ' if shard else ''}features: {index_store} and {query_store}")
-    if report.failed:
-        print(f"{len(report.failed)} image(s) failed (listed in <store>.failures.txt):", file=sys.stderr)
-        for reason in report.failed.values():
-            print(f"  {reason}", file=sys.stderr)
-        return 0 if config.skip_bad_images else 1
-    return 0
+    return report_failures(list(report.failed.values()), "<store>.failures.txt", config.skip_bad_images)
 
 
 if __name__ == "__main__":

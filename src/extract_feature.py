@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python src/extract_feature.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_utils.cli import cli_main, setup_logging  # noqa: E402
+from model_utils.cli import cli_main, report_failures, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.device import setup_device  # noqa: E402
 from model_utils.files import list_images, read_image_list, require_writable  # noqa: E402
@@ -73,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_store(output_path)  # a rank with no images (or only failures) still completes the set
     print(f"{f'{shard}: ' if shard else ''}{report.extracted} images extracted, {report.skipped} already done "
           f"-> {output_path}")
-    if report.failed:
-        print(f"{len(report.failed)} image(s) failed (listed in {failures_path(output_path)}):", file=sys.stderr)
-        for reason in report.failed.values():
-            print(f"  {reason}", file=sys.stderr)
-        return 0 if config.skip_bad_images else 1
-    return 0
+    return report_failures(list(report.failed.values()), failures_path(output_path), config.skip_bad_images)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = run_chunked(plan_jobs(args.images_path, names, ground_truth), config.extraction, args.mindir_path,
                           make_runner(args.mindir_path, args.runner_binary, config.device_id), args.work_path,
                           args.output_dir, args.input_mode, args.chunk_size)
-    return 0 if not print_summary(reports, args.output_dir) or config.skip_bad_images else 1
+    return print_summary(reports, args.output_dir, config.skip_bad_images)
 
 
 if __name__ == "__main__":

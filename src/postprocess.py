@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_path or None)
     reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
                           keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))
-    return 0 if not print_summary(reports, args.output_dir) or config.skip_bad_images else 1
+    return print_summary(reports, args.output_dir, config.skip_bad_images)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
+from model_utils.cli import report_failures
 from model_utils.config import ExtractionConfig
 from src.ascend310.postprocess import settings_hash, store_outputs
 from src.ascend310.preprocess import Job, preprocess
@@ -82,14 +82,10 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
     return reports
 
 
-def print_summary(reports: Mapping[str, ExtractionReport], output_dir: str | Path) -> bool:
-    """One line per store, then the failed images (as src.extract_feature); True when any failed."""
+def print_summary(reports: Mapping[str, ExtractionReport], output_dir: str | Path, accept_failures: bool) -> int:
+    """One line per store, then the failed images (as src.extract_feature); returns the exit status."""
     for name, report in reports.items():
         print(f"{Path(output_dir) / name}: {report.extracted} images extracted, {report.skipped} already done, "
               f"{len(report.failed)} failed")
     failed = [reason for report in reports.values() for reason in report.failed.values()]
-    if failed:
-        print(f"{len(failed)} image(s) failed (listed in <store>{FAILURES_SUFFIX}):", file=sys.stderr)
-        for reason in failed:
-            print(f"  {reason}", file=sys.stderr)
-    return bool(failed)
+    return report_failures(failed, f"<store>{FAILURES_SUFFIX}", accept_failures)
