@@ -76,7 +76,7 @@ def time_queries(store: FeatureStore, database: SyntheticDatabase, queries, size
         scores = score(query)
         searched = time.perf_counter()
         candidates = shortlist(scores, [], shortlist_size)
-        features = [store.get(database.image_id(int(n))) for n in candidates]
+        features = [store.keypoints(database.image_id(int(n))) for n in candidates]
         read = time.perf_counter()
         # Batched and per-pair alternate which goes first, so cache and load favour neither.
         batched, batched_seconds, per_pair, per_pair_seconds = both_ways(features, query, first_batched=number % 2 == 0)
@@ -96,7 +96,7 @@ def time_exhaustive(store, database, queries, size, pairs, rng):
         positives = database.positives(number, size)
         distractors = rng.choice(np.setdiff1d(np.arange(size), positives), pairs, replace=False)
         images = np.concatenate([positives, distractors])
-        features = [store.get(database.image_id(int(n))) for n in images]
+        features = [store.keypoints(database.image_id(int(n))) for n in images]
         results, batched_seconds, _, single_seconds = both_ways(features, query, first_batched=number % 2 == 0)
         batched.append(batched_seconds / len(images))
         single.append(single_seconds / len(images))

@@ -60,6 +60,7 @@ from model_utils.cli import InputError
 from model_utils.files import TEMP_SUFFIX, atomic_output
 
 FIELDS = ("locations", "scales", "descriptors", "attention")
+KEYPOINT_FIELDS = ("locations", "descriptors")
 JOURNAL_SUFFIX = ".journal"
 FAILURES_SUFFIX = ".failures.txt"  # the list of images that failed, beside a store (extractor.write_failures)
 DAMAGED_SUFFIX = ".damaged"
@@ -77,6 +78,13 @@ class LocalFeatures(NamedTuple):
     scales: np.ndarray  # (N,) float32, 1 / pyramid scale
     descriptors: np.ndarray  # (N, D) float32
     attention: np.ndarray  # (N,) float32
+
+
+class Keypoints(NamedTuple):
+    """What geometric verification reads of an image: LocalFeatures without scales and attention."""
+
+    locations: np.ndarray  # (N, 2) float32, (y, x)
+    descriptors: np.ndarray  # (N, D) float32
 
 
 class StoredImage(NamedTuple):
@@ -327,6 +335,31 @@ class FeatureStore:
         """The stored features of one image, verified; InputError if it is not stored or damaged."""
         return self.stored(image_id).features
 
+    def keypoints(self, image_id: str) -> Keypoints:
+        """Locations and descriptors of one image, read alone: the per-image read of re-ranking.
+
+        About half the cost of `get` (two of the four arrays, no CRC-32 over all of them). Reading
+        still detects damage: HDF5 checks each dataset's fletcher32 and the journal's zip archive
+        each member's CRC; shapes are checked here and finite values by the matcher.
+        """
+        entry = self._read_journal(image_id, KEYPOINT_FIELDS)
+        if entry is None:
+            group = self._group(image_id)
+            if group is None:
+                raise self._missing(image_id)
+            try:
+                entry = {name: group[name][()] for name in KEYPOINT_FIELDS}
+            except _READ_ERRORS as error:
+                raise self._damaged(image_id, "HDF5 group", error) from None
+        if any(name not in entry for name in KEYPOINT_FIELDS):
+            raise self._damaged(image_id, "journal entry", "no locations or descriptors")
+        locations, descriptors = entry["locations"], entry["descriptors"]
+        if (locations.dtype != np.float32 or descriptors.dtype != np.float32 or locations.ndim != 2
+                or locations.shape[1] != 2 or descriptors.ndim != 2 or len(descriptors) != len(locations)):
+            raise self._damaged(image_id, "arrays", f"locations {locations.dtype} {locations.shape}, "
+                                f"descriptors {descriptors.dtype} {descriptors.shape}")
+        return Keypoints(locations, descriptors)
+
     def attributes(self, image_id: str) -> dict:
         """image_size (h, w), settings_hash and num_features of one stored image (not verified)."""
         entry = self._read_journal(image_id, ("image_size", "settings_hash", "scales"))
@@ -573,7 +606,9 @@ def _write_group(new: h5py.File, image_id: str, record: StoredImage) -> None:
     """One verified image as a group: fletcher32 datasets, attributes and the checksum."""
     group = new.create_group(_encode_id(image_id))
     for name, array in zip(FIELDS, record.features, strict=True):
-        group.create_dataset(name, data=array, fletcher32=True)  # HDF5 checks it on every read
+        # HDF5 checks fletcher32 on every read. One chunk per array: h5py's default splits 1000 x 40
+        # descriptors into 16 chunks, each checked and looked up apart (reads measured ~30 % slower).
+        group.create_dataset(name, data=array, fletcher32=True, chunks=array.shape if array.size else True)
     group.attrs["image_id"] = image_id
     group.attrs["image_size"] = np.array(record.image_size, dtype=np.int64)
     group.attrs["settings_hash"] = record.settings_hash
@@ -683,6 +718,9 @@ class ShardedFeatureStore:
 
     def get(self, image_id: str) -> LocalFeatures:
         return self._shard(image_id).get(image_id)
+
+    def keypoints(self, image_id: str) -> Keypoints:
+        return self._shard(image_id).keypoints(image_id)
 
     def attributes(self, image_id: str) -> dict:
         return self._shard(image_id).attributes(image_id)

@@ -27,8 +27,10 @@ from skimage.transform import AffineTransform
 
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig
-from src.extraction.store import LocalFeatures
+from src.extraction.store import Keypoints, LocalFeatures
 
+# Matching reads only locations and descriptors: full features, or the store's keypoints() read.
+Features = LocalFeatures | Keypoints
 ENGINES = ("opencv", "skimage")
 NN_METHODS = ("kdtree", "brute")
 # Largest block of descriptor products held at once in batched matching (4 MB of float32): one
@@ -101,6 +103,10 @@ def find_putative_matches_batch(
         return results
     block_rows = max(1, _BLOCK_ELEMENTS // len(second))
     second_64 = second.astype(np.float64)
+    second_norms = (second_64 * second_64).sum(1)
+    # Float32 products err by at most ~D eps |s||f|; rows whose product distance exceeds the
+    # threshold by several times that cannot match, so only the others get the exact distance.
+    error_per_norm = 4 * second.shape[1] * float(np.finfo(np.float32).eps)
     images = [i for i, first in enumerate(firsts) if len(first)]
     start = 0
     while start < len(images):
@@ -111,16 +117,21 @@ def find_putative_matches_batch(
             stop += 1
         block = [firsts[i] for i in images[start:stop]]
         stacked = np.concatenate(block) if len(block) > 1 else block[0]
-        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2); the kept distances are recomputed exactly.
+        half_norms = 0.5 * (stacked * stacked).sum(1)
+        # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2), and |s - f|^2 = |s|^2 - 2 (s.f - |f|^2 / 2).
         gain = second @ stacked.T
-        gain -= 0.5 * (stacked * stacked).sum(1)
+        gain -= half_norms
         column = 0
         for image, first in zip(images[start:stop], block, strict=True):
-            nearest = gain[:, column : column + len(first)].argmax(axis=1)
+            columns = slice(column, column + len(first))
+            nearest = gain[:, columns].argmax(axis=1)
+            squared = second_norms - 2.0 * gain[np.arange(len(second)), column + nearest]
+            tolerance = error_per_norm * (second_norms + 2.0 * half_norms[columns].max())
+            near = np.flatnonzero(squared < distance_threshold**2 + tolerance)
             column += len(first)
-            difference = second_64 - first[nearest].astype(np.float64)
-            matched = np.sqrt((difference * difference).sum(1)) < distance_threshold
-            results[image] = (nearest[matched].astype(np.int64), np.flatnonzero(matched))
+            difference = second_64[near] - first[nearest[near]].astype(np.float64)
+            matched = near[np.sqrt((difference * difference).sum(1)) < distance_threshold]
+            results[image] = (nearest[matched].astype(np.int64), matched)
         start = stop
     return results
 
@@ -178,7 +189,7 @@ def _ransac_opencv(points_1, points_2, residual_threshold, max_trials, seed):
     return transform.astype(np.float64), inliers
 
 
-def _check_features(features: LocalFeatures, name: str) -> None:
+def _check_features(features: Features, name: str) -> None:
     locations, descriptors = np.asarray(features.locations), np.asarray(features.descriptors)
     if locations.ndim != 2 or locations.shape[1] != 2:
         raise InputError(f"{name}: locations must have shape (N, 2), got {locations.shape}")
@@ -196,8 +207,8 @@ def _check_settings(engine, distance_threshold, residual_threshold, max_trials, 
 
 
 def match_features(
-    features_1: LocalFeatures,
-    features_2: LocalFeatures,
+    features_1: Features,
+    features_2: Features,
     *,
     distance_threshold: float = 0.8,
     residual_threshold: float = 20.0,
@@ -220,8 +231,8 @@ def match_features(
 
 
 def match_features_batch(
-    features_1: Sequence[LocalFeatures],
-    features_2: LocalFeatures,
+    features_1: Sequence[Features],
+    features_2: Features,
     *,
     distance_threshold: float = 0.8,
     residual_threshold: float = 20.0,
@@ -245,7 +256,7 @@ def match_features_batch(
     ]
 
 
-def _check_pair(features_1: LocalFeatures, features_2: LocalFeatures) -> None:
+def _check_pair(features_1: Features, features_2: Features) -> None:
     _check_features(features_1, "image 1 features")
     _check_features(features_2, "image 2 features")
     descriptors_1, descriptors_2 = np.asarray(features_1.descriptors), np.asarray(features_2.descriptors)

@@ -77,7 +77,7 @@ class StoreSource:
         return image_id in self._store_of
 
     def descriptors(self, image_id: str) -> np.ndarray:
-        return self._store_of[image_id].get(image_id).descriptors
+        return self._store_of[image_id].keypoints(image_id).descriptors
 
     def settings_hash(self, image_id: str) -> str:
         return self._store_of[image_id].attributes(image_id)["settings_hash"]

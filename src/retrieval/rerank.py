@@ -35,7 +35,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
 from model_utils.files import atomic_output
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.store import FeatureStore, Keypoints, LocalFeatures
 from src.matching.verify import match_features_batch
 from src.retrieval.inverted_file import StoreSource, index_path_for, open_or_build_index
 
@@ -80,17 +80,17 @@ def _require_stored(store: FeatureStore, names: Sequence[str], role: str) -> Non
 
 
 class _FeatureCache:
-    """Database features read from the store on demand, the most recently used kept."""
+    """Database keypoints read from the store on demand, the most recently used kept."""
 
     def __init__(self, store: FeatureStore, names: Sequence[str], capacity: int) -> None:
         self.store, self.names, self.capacity = store, names, capacity
-        self.cached: OrderedDict[int, LocalFeatures] = OrderedDict()
+        self.cached: OrderedDict[int, Keypoints] = OrderedDict()
 
-    def __getitem__(self, image: int) -> LocalFeatures:
+    def __getitem__(self, image: int) -> Keypoints:
         if image in self.cached:
             self.cached.move_to_end(image)
         else:
-            self.cached[image] = self.store.get(self.names[image])
+            self.cached[image] = self.store.keypoints(self.names[image])
             if len(self.cached) > self.capacity:
                 self.cached.popitem(last=False)
         return self.cached[image]
@@ -99,7 +99,7 @@ class _FeatureCache:
 class _Verifier:
     """RANSAC results of one query against database images, each image verified once."""
 
-    def __init__(self, query: LocalFeatures, features: Sequence[LocalFeatures] | _FeatureCache,
+    def __init__(self, query: LocalFeatures, features: Sequence[Keypoints] | _FeatureCache,
                  match_settings: dict) -> None:
         self.query, self.features, self.match_settings = query, features, match_settings
         self.results: dict[int, tuple[int, int]] = {}  # image -> (inliers, putative matches)
@@ -154,7 +154,7 @@ def retrieve(
         features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)
     else:
         loading = tqdm(imlist, desc="load database features", unit="image", leave=False, disable=not progress)
-        features = [index_store.get(name) for name in loading]
+        features = [index_store.keypoints(name) for name in loading]
 
     match_settings = {**dataclasses.asdict(matching), "seed": seed}
     ranks = {p: np.empty((len(imlist), len(qimlist)), dtype=np.int64) for p in protocols}

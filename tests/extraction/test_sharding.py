@@ -74,6 +74,7 @@ def test_a_set_of_shards_reads_as_the_store_it_replaces(tmp_path, compact):
         for image_id, features in written.items():
             for got, want in zip(store.get(image_id), features, strict=True):
                 np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(store.keypoints(image_id).descriptors, features.descriptors)
             assert store.attributes(image_id) == {"image_size": (30, 40), "settings_hash": "h", "num_features": 3}
         assert store.is_done("img05", "h") and not store.is_done("img05", "other") and not store.is_done("x", "h")
         with pytest.raises(InputError, match=r"no features for image 'x' in feature store .*features\.rank\*-of-3\.h5"):

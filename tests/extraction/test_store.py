@@ -43,6 +43,14 @@ def assert_features_equal(got, want):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def assert_keypoints_of(store, image_id, want):
+    """store.keypoints (the re-ranking read) returns exactly the stored locations and descriptors."""
+    keypoints = store.keypoints(image_id)
+    for name in ("locations", "descriptors"):
+        assert getattr(keypoints, name).dtype == np.float32, name
+        np.testing.assert_array_equal(getattr(keypoints, name), getattr(want, name), err_msg=name)
+
+
 def run_child(body, *args, **popen_kwargs):
     """Start `python -c` with make_features defined and the project importable."""
     code = "import os, sys, signal\n" + inspect.getsource(make_features) + body
@@ -69,6 +77,7 @@ def test_round_trip_through_journal_and_hdf5(tmp_path):
         # Readable straight from the journal, before any compaction.
         assert store.image_ids() == sorted([*ODD_IDS, "empty"])
         assert_features_equal(store.get("dir/name.jpg"), make_features(0))
+        assert_keypoints_of(store, "dir/name.jpg", make_features(0))
         assert not path.exists()
     # close() compacted everything into the HDF5 file.
     assert path.exists() and list(Path(str(path) + ".journal").iterdir()) == []
@@ -76,14 +85,17 @@ def test_round_trip_through_journal_and_hdf5(tmp_path):
         assert store.image_ids() == sorted([*ODD_IDS, "empty"])
         for i, image_id in enumerate(ODD_IDS):
             assert_features_equal(store.get(image_id), make_features(i))
+            assert_keypoints_of(store, image_id, make_features(i))
             assert store.attributes(image_id) == {
                 "image_size": (480 + i, 640),
                 "settings_hash": "h1",
                 "num_features": 5 + i % 7,
             }
         assert store.get("empty").descriptors.shape == (0, 64)
-    with h5py.File(path, "r") as h5:  # one flat group per image, named safely
+        assert store.keypoints("empty").descriptors.shape == (0, 64)
+    with h5py.File(path, "r") as h5:  # one flat group per image, named safely, one chunk per array
         assert len(h5.keys()) == len(ODD_IDS) + 1
+        assert h5[next(iter(h5))]["descriptors"].id.get_num_chunks() == 1
         assert all("/" not in name and "." not in name for name in h5)
         assert sorted(h5[name].attrs["image_id"] for name in h5) == sorted([*ODD_IDS, "empty"])
 
@@ -123,6 +135,8 @@ def test_bad_input_and_missing_images(tmp_path):
     store = FeatureStore(tmp_path / "s.h5")
     with pytest.raises(InputError, match=r"no features for image 'nope' in feature store .*s\.h5"):
         store.get("nope")
+    with pytest.raises(InputError, match=r"no features for image 'nope' in feature store .*s\.h5"):
+        store.keypoints("nope")
     bad = make_features(0)._replace(scales=np.ones(2, np.float32))
     with pytest.raises(InputError, match="inconsistent shapes"):
         store.put("x", bad, image_size=(1, 1), settings_hash="h")

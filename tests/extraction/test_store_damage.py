@@ -39,13 +39,25 @@ def overwrite(path, offset: int, data: bytes) -> None:
 
 
 def read_everything(store: FeatureStore) -> tuple[dict, dict]:
-    """(image id -> features, image id -> damage message) over every stored image."""
+    """(image id -> features, image id -> damage message) over every stored image.
+
+    Also reads each image's keypoints (re-ranking's partial read, which skips the CRC-32 over all
+    four arrays): they are either exactly the stored ones or refused as damaged, never garbage.
+    """
     good, damaged = {}, {}
     for image_id in store.image_ids():
         try:
             good[image_id] = store.get(image_id)
         except DamagedImageError as error:
             damaged[image_id] = str(error)
+        try:
+            keypoints = store.keypoints(image_id)
+        except DamagedImageError as error:
+            assert image_id in damaged and f"image {image_id!r} of feature store" in str(error)
+        else:
+            stored = features_of(IMAGES.index(image_id))
+            np.testing.assert_array_equal(keypoints.locations, stored.locations)
+            np.testing.assert_array_equal(keypoints.descriptors, stored.descriptors)
     return good, damaged
 
 
@@ -92,6 +104,8 @@ def test_flipped_bytes_in_the_data_are_caught_by_fletcher32_and_the_checksum(tmp
     with FeatureStore(path) as store:
         with pytest.raises(DamagedImageError, match=r"image 'img01' .* is damaged \(HDF5 group"):
             store.get("img01")
+        with pytest.raises(DamagedImageError, match=r"image 'img01' .* is damaged \(HDF5 group"):
+            store.keypoints("img01")
         store.get("img00")
 
     # With HDF5's own check switched off (as in a store copied by other tools), the CRC still catches it.
@@ -133,6 +147,8 @@ def test_damaged_journal_entries_are_damaged_images_and_are_not_merged(tmp_path)
     (store.journal_dir / "img09.npz").write_bytes(b"PK\x03\x04 garbage")
     with pytest.raises(DamagedImageError, match="img09"):
         store.get("img09")
+    with pytest.raises(DamagedImageError, match="img09"):
+        store.keypoints("img09")
     assert not store.is_done("img09", "h")
 
 

@@ -440,6 +440,25 @@ def test_batched_putative_matches_equal_per_pair_matching(monkeypatch, block_ele
     assert [(len(index_1), len(index_2)) for index_1, index_2 in no_query] == [(0, 0)] * len(database)
 
 
+def test_batched_matches_at_the_threshold_are_exact_for_large_descriptors():
+    """The float32 product only screens rows out; a neighbour within the product's rounding of the
+    threshold is decided by its exact distance, as by the KD-tree, even for descriptors of norm 100
+    whose float32 product distances fall on the wrong side of the threshold."""
+    rng = np.random.default_rng(5)
+    gaps = np.repeat([0.5, 0.7999, 0.79999, 0.8, 0.80001, 0.8001, 1.0], 20)
+    database = unit_rows(rng.standard_normal((len(gaps), 40))) * 100  # ~141 apart: one clear neighbour
+    queries = (database + gaps[:, None] * unit_rows(rng.standard_normal((len(gaps), 40)))).astype(np.float32)
+    database = database.astype(np.float32)
+    exact = np.linalg.norm(queries.astype(np.float64) - database.astype(np.float64), axis=1)
+    product = ((queries * queries).sum(1) + (database * database).sum(1) - 2 * (queries * database).sum(1))
+    assert ((product < 0.64) != (exact < 0.8)).any()  # float32 alone would decide some rows wrongly
+    (index_1, index_2), = verify.find_putative_matches_batch([database], queries, 0.8)
+    kdtree = find_putative_matches(database, queries, 0.8, "kdtree")
+    np.testing.assert_array_equal(index_2, kdtree[1])
+    np.testing.assert_array_equal(index_1, kdtree[0])
+    assert 40 < len(index_2) < 100
+
+
 def test_batched_matching_equals_matching_each_pair(keypoints):
     """match_features_batch: the same MatchResult as match_features for every pair."""
     pairs = [make_pair(keypoints, num_true, num_false, seed)
