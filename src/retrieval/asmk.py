@@ -188,12 +188,13 @@ def binarize(residuals: np.ndarray) -> np.ndarray:
 
 
 def hamming_distances(codes_1: np.ndarray, codes_2: np.ndarray) -> np.ndarray:
-    """Row-wise number of differing bits of packed codes, (E,) int64."""
-    bits = _POPCOUNT[np.bitwise_xor(codes_1, codes_2)]
-    # Column by column: ~4x faster than .sum(axis=-1) over rows of a few bytes.
-    distances = bits[..., 0].astype(np.int64)
-    for column in range(1, bits.shape[-1]):
-        distances += bits[..., column]
+    """Row-wise number of differing bits of packed codes, (E,): uint8 up to 31 bytes, else uint16."""
+    # Byte column by byte column, looked up with np.take: ~1.7x faster than a table lookup of the
+    # whole (E, B) XOR and a sum over rows of a few bytes.
+    width = codes_1.shape[-1]
+    distances = np.take(_POPCOUNT, codes_1[..., 0] ^ codes_2[..., 0]).astype(np.uint8 if width < 32 else np.uint16)
+    for column in range(1, width):
+        distances += np.take(_POPCOUNT, codes_1[..., column] ^ codes_2[..., column])
     return distances
 
 

@@ -356,8 +356,9 @@ class AsmkIndex:
                 continue
             # Rows of all the query's word lists, list after list.
             rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-            hamming = asmk.hamming_distances(segment.codes[rows], np.repeat(codes, lengths, axis=0))
-            scores += np.bincount(segment.images[rows], weights=self._kernel[hamming], minlength=len(scores))
+            # np.take gathers rows of the mapped arrays about twice as fast as fancy indexing.
+            hamming = asmk.hamming_distances(np.take(segment.codes, rows, axis=0), np.repeat(codes, lengths, axis=0))
+            scores += np.bincount(np.take(segment.images, rows), weights=self._kernel[hamming], minlength=len(scores))
         # Normalise by both self-similarities (number of words: each word's binary self-match is 1).
         with np.errstate(divide="ignore", invalid="ignore"):
             scores /= np.sqrt(self.words_per_image * len(words))

@@ -103,7 +103,7 @@ def test_binarisation_packs_one_sign_bit_per_dimension(dim):
     assert not bits[:, dim:].any()  # padding bits are 0
 
 
-@pytest.mark.parametrize("dim", [12, 40])
+@pytest.mark.parametrize("dim", [12, 40, 1024])  # 1024: raw DELF descriptors, distances past 255
 def test_binary_similarity_and_selective_kernel_equal_the_direct_kernel(dim):
     rng = np.random.default_rng(2)
     u = rng.normal(size=(300, dim))
