@@ -25,16 +25,13 @@ archives=$root/archives
 source "$(dirname "${BASH_SOURCE[0]}")/download_common.sh"
 
 # Saved as HTML error pages instead of photos (VGG's parisbuildings/corrupt.txt); the usual
-# practice, and revisitop's RParis6k, leave them out. Same list as src/evaluation/ground_truth.py.
-CORRUPT_IMAGES=(
-    paris_louvre_000136.jpg paris_louvre_000146.jpg paris_moulinrouge_000422.jpg
-    paris_museedorsay_001059.jpg paris_notredame_000188.jpg paris_pantheon_000284.jpg
-    paris_pantheon_000960.jpg paris_pantheon_000974.jpg paris_pompidou_000195.jpg
-    paris_pompidou_000196.jpg paris_pompidou_000201.jpg paris_pompidou_000467.jpg
-    paris_pompidou_000640.jpg paris_sacrecoeur_000299.jpg paris_sacrecoeur_000330.jpg
-    paris_sacrecoeur_000353.jpg paris_triomphe_000662.jpg paris_triomphe_000833.jpg
-    paris_triomphe_000863.jpg paris_triomphe_000867.jpg
-)
+# practice, and revisitop's RParis6k, leave them out. The list lives in src/evaluation/ground_truth.py.
+mapfile -t CORRUPT_IMAGES < <(cd "$(dirname "${BASH_SOURCE[0]}")/.." && "${PYTHON:-python3}" -c \
+    "from src.evaluation.ground_truth import PARIS6K_CORRUPT_IMAGES as names; print(*sorted(names), sep='.jpg\n', end='.jpg\n')")
+if [[ ${#CORRUPT_IMAGES[@]} -ne 20 ]]; then
+    echo "error: could not read the list of corrupt Paris6k images from src/evaluation/ground_truth.py" >&2
+    exit 1
+fi
 
 # Mirrors can be used by setting these (the VGG files have moved host before).
 paris=${PARIS_BASE_URL:-https://www.robots.ox.ac.uk/~vgg/data/parisbuildings}

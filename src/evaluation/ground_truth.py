@@ -32,7 +32,7 @@ from model_utils.cli import InputError
 
 PROTOCOLS = ("easy", "medium", "hard")
 # The Paris6k images that were broken upstream (HTML error pages saved as .jpg; the VGG page's
-# corrupt.txt). scripts/download_paris.sh moves them aside, so they are not in the database.
+# corrupt.txt). scripts/download_paris.sh reads this list and moves them aside, out of the database.
 PARIS6K_CORRUPT_IMAGES = frozenset(
     "paris_" + name
     for name in (
@@ -45,11 +45,6 @@ PARIS6K_CORRUPT_IMAGES = frozenset(
 )
 
 GroundTruth = dict[str, Any]
-
-
-GroundTruth = dict[str, Any]
-
-
 
 
 def _index_list(values: Any, num_images: int, what: str, source: str) -> list[int]:
