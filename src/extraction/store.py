@@ -40,6 +40,7 @@ import errno
 import fcntl
 import gc
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -398,6 +399,25 @@ class FeatureStore:
         except InputError:
             return False
 
+    def state(self) -> str:
+        """A token that changes whenever the stored images may have changed: the resolved path,
+        the HDF5 file's inode, size and modification time (compaction replaces the file), and a
+        digest of every journal entry's name, inode, size and modification time (a put replaces
+        its entry). Lets an index built from the store skip re-reading every image's settings."""
+        try:
+            status = os.stat(self.path)
+            hdf5 = f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+        except FileNotFoundError:
+            hdf5 = "-"
+        entries = []
+        if self.journal_dir.is_dir():
+            for entry in os.scandir(self.journal_dir):
+                with contextlib.suppress(FileNotFoundError):  # compaction may delete it meanwhile
+                    status = entry.stat()
+                    entries.append((entry.name, status.st_ino, status.st_size, status.st_mtime_ns))
+        journal = hashlib.sha256(repr(sorted(entries)).encode()).hexdigest()[:16]
+        return f"{self.path.resolve()}|{hdf5}|{journal}"
+
     def image_ids(self) -> list[str]:
         """Every stored image id, sorted."""
         names = set()
@@ -721,6 +741,9 @@ class ShardedFeatureStore:
 
     def keypoints(self, image_id: str) -> Keypoints:
         return self._shard(image_id).keypoints(image_id)
+
+    def state(self) -> str:
+        return "\n".join(shard.state() for shard in self.shards)
 
     def attributes(self, image_id: str) -> dict:
         return self._shard(image_id).attributes(image_id)

@@ -62,12 +62,17 @@ class IndexSource(Protocol):
 
     def settings_hash(self, image_id: str) -> str: ...
 
+    def fingerprint(self) -> str | None:
+        """Changes whenever any image's descriptors or settings may have changed; None if unknown
+        (then every indexed image's settings_hash is read again whenever the index is opened)."""
+
 
 class StoreSource:
     """Database images spread over one or several feature stores (e.g. one per extraction
     worker); an id found in several is read from the first store holding it."""
 
     def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        self._stores = list(stores)
         self._store_of: dict[str, FeatureStore] = {}
         for store in stores:
             for image_id in store.image_ids():
@@ -81,6 +86,9 @@ class StoreSource:
 
     def settings_hash(self, image_id: str) -> str:
         return self._store_of[image_id].attributes(image_id)["settings_hash"]
+
+    def fingerprint(self) -> str:
+        return "\n".join(store.state() for store in self._stores)
 
 
 def index_path_for(store_path: str | os.PathLike) -> Path:
@@ -161,9 +169,12 @@ def _read_segment(directory: Path, name: str) -> _Segment:
 class AsmkIndex:
     """An ASMK index directory: add images, score a query against every indexed image."""
 
-    def __init__(self, directory: Path, codebook: asmk.Codebook, segments: list[_Segment], next_segment: int) -> None:
+    def __init__(self, directory: Path, codebook: asmk.Codebook, segments: list[_Segment], next_segment: int,
+                 source_fingerprint: str | None = None) -> None:
         self.directory = directory
         self.codebook = codebook
+        # The source's fingerprint when every indexed image's settings were last checked against it.
+        self.source_fingerprint = source_fingerprint
         self._kernel = asmk.kernel_of_hamming(codebook.dim)
         self._next_segment = next_segment
         self._forget_segments()
@@ -218,7 +229,7 @@ class AsmkIndex:
         cells = _load(directory / "cells.npy", mmap=False) if meta["two_level"] else None
         codebook = asmk.Codebook(_load(directory / "codebook.npy", mmap=False), cells)
         segments = [_read_segment(directory, name) for name in meta["segments"]]
-        return cls(directory, codebook, segments, int(meta["next_segment"]))
+        return cls(directory, codebook, segments, int(meta["next_segment"]), meta.get("source_fingerprint"))
 
     def _commit(self) -> None:
         """Write index.json (the commit point), then delete files no segment refers to."""
@@ -226,6 +237,7 @@ class AsmkIndex:
             "format": FORMAT, "dim": self.codebook.dim, "codebook_size": self.codebook.size,
             "two_level": self.codebook.cells is not None, "num_images": len(self.image_ids),
             "segments": [segment.name for segment in self.segments], "next_segment": self._next_segment,
+            "source_fingerprint": self.source_fingerprint,
         }
         atomic_write_text(self.directory / META_FILE, json.dumps(meta, indent=1) + "\n")
         used = {f"{segment.name}.{suffix}" for segment in self.segments for suffix in _SEGMENT_FILES}
@@ -470,15 +482,18 @@ def open_or_build_index(
     An existing index is reused and the missing images are added (without retraining the
     codebook). It is rebuilt when an indexed image's features were re-extracted with other
     settings (settings_hash differs), or when `codebook_size` is set and differs from its size.
+    The settings are read only when the source's fingerprint differs from the one recorded when
+    they were last checked (a store that has not changed is not read again: ~0.2 ms an image).
     """
     directory = Path(directory)
+    fingerprint = source.fingerprint()  # before anything is read: a later change shows next time
     with _locked(directory):
         index = AsmkIndex.open(directory)
         if index is not None:
             reason = None
             if codebook_size and codebook_size != index.codebook.size:
                 reason = f"it has {index.codebook.size} words, {codebook_size} asked"
-            else:
+            elif fingerprint is None or fingerprint != index.source_fingerprint:
                 stale = next((i for i in image_ids if i in index.number_of
                               and index.settings_hashes[index.number_of[i]] != source.settings_hash(i)), None)
                 if stale is not None:
@@ -487,11 +502,16 @@ def open_or_build_index(
                 LOGGER.warning("rebuilding the ASMK index in %s: %s", directory, reason)
                 index = None
         if index is None:
-            return _build(directory, source, image_ids, codebook_size, seed, progress)
-        missing = [i for i in image_ids if i not in index.number_of]
-        if missing:
-            LOGGER.info("ASMK index %s: adding %d images", directory, len(missing))
-            index.add(source, missing, progress=progress)
-            if len(index.segments) > MAX_SEGMENTS:
-                index.merge()
+            index = _build(directory, source, image_ids, codebook_size, seed, progress)
+        else:
+            missing = [i for i in image_ids if i not in index.number_of]
+            if missing:
+                LOGGER.info("ASMK index %s: adding %d images", directory, len(missing))
+                index.add(source, missing, progress=progress)
+                if len(index.segments) > MAX_SEGMENTS:
+                    index.merge()
+        # Record the fingerprint only when every indexed image was just checked (or built) against it.
+        if index.source_fingerprint != fingerprint and set(index.image_ids) <= set(image_ids):
+            index.source_fingerprint = fingerprint
+            index._commit()
         return index

@@ -206,6 +206,9 @@ class SyntheticSource:
     def settings_hash(self, image_id: str) -> str:
         return self.hash
 
+    def fingerprint(self) -> None:
+        return None  # unknown: open_or_build_index checks every image's settings each time
+
 
 @pytest.fixture()
 def source() -> SyntheticSource:
@@ -327,6 +330,59 @@ def test_open_or_build_adds_missing_images_and_rebuilds_stale_ones(tmp_path, sou
         build_index(tmp_path / "index", source, ids, codebook_size=5000)
 
 
+def write_stores(paths, source, settings_hash="h1"):
+    """source's images spread over feature stores, image k in store k % len(paths)."""
+    for k, path in enumerate(paths):
+        with FeatureStore(path) as store:
+            for image_id in source.ids()[k :: len(paths)]:
+                descriptors = source.images[image_id]
+                ones = np.ones(len(descriptors), np.float32)
+                store.put(image_id, LocalFeatures(np.zeros((len(descriptors), 2), np.float32), ones, descriptors,
+                                                  ones), image_size=(9, 9), settings_hash=settings_hash)
+
+
+def test_settings_are_read_again_only_when_a_store_changed(tmp_path, source, monkeypatch):
+    """At R1M, reading every image's settings on each open would take minutes: an index remembers
+    the stores' state when it last checked them all, and reads the settings only after a change."""
+    paths = [tmp_path / "worker0.h5", tmp_path / "worker1.h5"]
+    write_stores(paths, source)
+    ids = source.ids()
+    reads = []
+    attributes = FeatureStore.attributes
+    monkeypatch.setattr(FeatureStore, "attributes", lambda store, image_id: reads.append(image_id)
+                        or attributes(store, image_id))
+
+    def open_index(subset=ids):
+        reads.clear()
+        stores = [FeatureStore(path) for path in paths]
+        index = open_or_build_index(tmp_path / "index", StoreSource(stores), subset, codebook_size=16)
+        for store in stores:
+            store.close()
+        return index
+
+    built = open_index()
+    assert len(reads) == len(ids)  # the build records every image's settings
+    assert open_index().image_ids == ids and reads == []  # unchanged stores: nothing read
+    assert open_index(ids[:5]).image_ids == ids and reads == []
+
+    with FeatureStore(paths[1]) as store:  # one image extracted again with the same settings
+        store.put(ids[1], store.get(ids[1]), image_size=(9, 9), settings_hash="h1")
+    open_index(ids[:5])
+    assert reads == ids[:5]  # a subset is checked, so the new state is not recorded yet...
+    open_index()
+    assert sorted(reads) == sorted(ids)  # ...until every indexed image has been checked against it
+    reopened = open_index()
+    assert reads == [] and reopened.codebook.size == built.codebook.size
+    assert AsmkIndex.open(tmp_path / "index").source_fingerprint == StoreSource(
+        [FeatureStore(path) for path in paths]).fingerprint()
+
+    with FeatureStore(paths[0]) as store:  # other settings: noticed, and the index rebuilt
+        store.put(ids[2], store.get(ids[2]), image_size=(9, 9), settings_hash="h2")
+    rebuilt = open_index()
+    assert rebuilt.settings_hashes[rebuilt.number_of[ids[2]]] == "h2" and open_index().image_ids == ids
+    assert reads == []
+
+
 def test_bad_indexes_and_inputs_are_one_line_errors(tmp_path, source):
     build_index(tmp_path / "index", source, source.ids(), codebook_size=16)
     (tmp_path / "index" / "index.json").write_text("{not json")
@@ -346,13 +402,7 @@ def test_store_source_reads_several_feature_stores(tmp_path, source):
     """One store per extraction worker: the index is built from all of them."""
     ids = source.ids()
     paths = [tmp_path / "worker0.h5", tmp_path / "worker1.h5"]
-    for k, path in enumerate(paths):
-        with FeatureStore(path) as store:
-            for image_id in ids[k::2]:
-                descriptors = source.images[image_id]
-                ones = np.ones(len(descriptors), np.float32)
-                store.put(image_id, LocalFeatures(np.zeros((len(descriptors), 2), np.float32), ones, descriptors,
-                                                  ones), image_size=(9, 9), settings_hash="h1")
+    write_stores(paths, source)
     with FeatureStore(paths[0]) as first, FeatureStore(paths[1]) as second:
         stores = StoreSource([first, second])
         assert "image001" in stores and "ghost" not in stores
