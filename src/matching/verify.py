@@ -104,6 +104,9 @@ def find_putative_matches_batch(
     block_rows = max(1, _BLOCK_ELEMENTS // len(second))
     second_64 = second.astype(np.float64)
     second_norms = (second_64 * second_64).sum(1)
+    # A column of ones against a column of -|f|^2 / 2 puts the norm term into the product itself:
+    # one pass less over every product block (measured ~25 % of batched matching's time).
+    second_ones = np.hstack([second, np.ones((len(second), 1), np.float32)])
     # Float32 products err by at most ~D eps |s||f|; rows whose product distance exceeds the
     # threshold by several times that cannot match, so only the others get the exact distance.
     error_per_norm = 4 * second.shape[1] * float(np.finfo(np.float32).eps)
@@ -119,8 +122,7 @@ def find_putative_matches_batch(
         stacked = np.concatenate(block) if len(block) > 1 else block[0]
         half_norms = 0.5 * (stacked * stacked).sum(1)
         # argmin |s - f|^2 = argmax (s.f - |f|^2 / 2), and |s - f|^2 = |s|^2 - 2 (s.f - |f|^2 / 2).
-        gain = second @ stacked.T
-        gain -= half_norms
+        gain = second_ones @ np.hstack([stacked, -half_norms[:, None]]).T
         column = 0
         for image, first in zip(images[start:stop], block, strict=True):
             columns = slice(column, column + len(first))
