@@ -26,7 +26,8 @@ from src.ascend310.protocol import (
     parse_input_name,
     read_manifest,
 )
-from src.extraction.extractor import ExtractionReport, failure_reason, features_from_levels, write_failures
+from src.extraction.extractor import ExtractionReport, features_from_levels, write_failures
+from src.extraction.images import failure_reason
 from src.extraction.pca import PcaParameters, load_pca
 from src.extraction.pyramid import PyramidLevel
 from src.extraction.store import FeatureStore, LocalFeatures

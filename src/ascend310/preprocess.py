@@ -35,8 +35,8 @@ from src.ascend310.protocol import (
     input_name,
     write_manifest,
 )
-from src.extraction import dataset
-from src.extraction.extractor import failure_reason
+from src.extraction import sharding
+from src.extraction.images import failure_reason
 from src.extraction.pyramid import pyramid_inputs, read_for_pyramid
 
 LOGGER = logging.getLogger("delf.preprocess")
@@ -103,7 +103,7 @@ def plan_jobs(images_path: str | Path, names: Sequence[str] | None = None,
     """
     if ground_truth is not None:
         return [Job(store.name, image_id, path, crop)
-                for store, image_id, path, crop in dataset.plan_jobs(images_path, ground_truth, Path())]
+                for store, image_id, path, crop in sharding.plan_jobs(images_path, ground_truth, Path())]
     return [Job(DEFAULT_STORE, image_id, path, None) for image_id, path in list_images(images_path, names).items()]
 
 

@@ -21,34 +21,12 @@ from pathlib import Path
 from model_utils.cli import InputError, setup_logging
 from model_utils.config import DelfConfig
 from model_utils.device import setup_device
-from model_utils.files import atomic_write_text, list_images
+from model_utils.files import atomic_write_text
 from src.extraction.extractor import DelfExtractor, ExtractionReport, extract_to_store, write_failures
 from src.extraction.pca import load_pca
-from src.extraction.sharding import Shard, check_output_layout, device_id
+from src.extraction.sharding import INDEX_STORE, QUERY_STORE, Shard, check_output_layout, device_id, plan_jobs
 from src.extraction.store import FeatureStore, ensure_store, find_shards, open_store, store_exists
 from src.model.weights import build_extraction_model, checkpoint_id
-
-INDEX_STORE = "index_features.h5"
-QUERY_STORE = "query_features.h5"
-
-
-def plan_jobs(images_path: str | Path, ground_truth: dict, output_dir: Path, shard: Shard | None = None) -> list[tuple]:
-    """(store path, image id, image path, crop or None) for every database image and query.
-
-    `ground_truth` is the loaded ground truth (imlist, qimlist, and gnd with each query's bbx).
-    With a shard: only its share of each store's images, into its store shards.
-    """
-    database = list_images(images_path, ground_truth["imlist"])
-    queries = list_images(images_path, ground_truth["qimlist"])
-    boxes = {name: tuple(query["bbx"]) for name, query in zip(ground_truth["qimlist"], ground_truth["gnd"],
-                                                              strict=True)}
-    index_store, query_store = output_dir / INDEX_STORE, output_dir / QUERY_STORE
-    if shard is not None:
-        database, boxes = shard.take(database), shard.take(boxes)
-        index_store, query_store = shard.store(index_store), shard.store(query_store)
-    jobs = [(index_store, name, path, None) for name, path in database.items()]
-    jobs += [(query_store, name, queries[name], box) for name, box in boxes.items()]
-    return jobs
 
 
 def _report_path(output_dir: Path, worker_index: int) -> Path:

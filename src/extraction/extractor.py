@@ -28,6 +28,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_write_text
+from src.extraction.images import failure_reason
 from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
 from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs, read_for_pyramid
@@ -125,12 +126,6 @@ def extract(images: Iterable[np.ndarray], model, config: ExtractionConfig,
         pca = load_pca(config)
     extractor = DelfExtractor(model, config, pca if config.use_pca else None)
     return [extractor(image) for image in images]
-
-
-def failure_reason(path: str | Path, error: BaseException | str) -> str:
-    """One line naming the image and the problem."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return reason if str(path) in reason else f"{path}: {reason}"
 
 
 @dataclass

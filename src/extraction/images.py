@@ -100,3 +100,9 @@ def crop_to_box(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
     """The [x1, y1, x2, y2] crop of an image (query bounding boxes), rounded to whole pixels."""
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     return image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)]
+
+
+def failure_reason(path: str | Path, error: BaseException | str) -> str:
+    """One line naming the image and the problem."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return reason if str(path) in reason else f"{path}: {reason}"

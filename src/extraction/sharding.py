@@ -1,4 +1,6 @@
-"""Which share of an extraction this process does: one rank of an msrun job, or a rank given by hand.
+"""Which images an extraction writes into which store (`plan_jobs`: a retrieval data set's database
+and query crops), and which share of them this process does: one rank of an msrun job, or a rank
+given by hand.
 
 msrun (MindSpore's launcher) starts `--worker_num` copies of the command over the nodes. Each copy
 reads its rank from what msrun puts in its environment (MS_NODE_ID: the rank, MS_WORKER_NUM: the
@@ -22,9 +24,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from model_utils.cli import InputError
+from model_utils.files import list_images
 from src.extraction.store import find_shards, shard_path, store_exists
 
 _Value = TypeVar("_Value")
+
+# The two stores of a retrieval data set's extraction (eval.py): database images and query crops.
+INDEX_STORE = "index_features.h5"
+QUERY_STORE = "query_features.h5"
 
 
 @dataclass(frozen=True)
@@ -108,3 +115,22 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank_id", type=int, default=-1,
                         help="extract the share of this rank only (msrun sets it; give it to rerun one rank alone)")
     parser.add_argument("--rank_size", type=int, default=-1, help="number of ranks the images are split over")
+
+
+def plan_jobs(images_path: str | Path, ground_truth: dict, output_dir: Path, shard: Shard | None = None) -> list[tuple]:
+    """(store path, image id, image path, crop or None) for every database image and query.
+
+    `ground_truth` is the loaded ground truth (imlist, qimlist, and gnd with each query's bbx).
+    With a shard: only its share of each store's images, into its store shards.
+    """
+    database = list_images(images_path, ground_truth["imlist"])
+    queries = list_images(images_path, ground_truth["qimlist"])
+    boxes = {name: tuple(query["bbx"]) for name, query in zip(ground_truth["qimlist"], ground_truth["gnd"],
+                                                              strict=True)}
+    index_store, query_store = output_dir / INDEX_STORE, output_dir / QUERY_STORE
+    if shard is not None:
+        database, boxes = shard.take(database), shard.take(boxes)
+        index_store, query_store = shard.store(index_store), shard.store(query_store)
+    jobs = [(index_store, name, path, None) for name, path in database.items()]
+    jobs += [(query_store, name, queries[name], box) for name, box in boxes.items()]
+    return jobs
