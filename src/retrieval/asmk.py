@@ -192,7 +192,9 @@ def hamming_distances(codes_1: np.ndarray, codes_2: np.ndarray) -> np.ndarray:
     # Byte column by byte column, looked up with np.take: ~1.7x faster than a table lookup of the
     # whole (E, B) XOR and a sum over rows of a few bytes.
     width = codes_1.shape[-1]
-    distances = np.take(_POPCOUNT, codes_1[..., 0] ^ codes_2[..., 0]).astype(np.uint8 if width < 32 else np.uint16)
+    distances = np.take(_POPCOUNT, codes_1[..., 0] ^ codes_2[..., 0])  # uint8, like the table
+    if width >= 32:  # over 255 bits
+        distances = distances.astype(np.uint16)
     for column in range(1, width):
         distances += np.take(_POPCOUNT, codes_1[..., column] ^ codes_2[..., column])
     return distances
