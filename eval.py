@@ -23,7 +23,7 @@ from src.evaluation.ground_truth import PROTOCOLS, junk_by_protocol, load_ground
 from src.evaluation.metrics import evaluate, format_metrics, write_metrics
 from src.extraction.dataset import build_feature_dataset, parse_devices
 from src.extraction.sharding import add_shard_arguments, is_msrun_scheduler, resolve_shard
-from src.extraction.store import open_store
+from src.extraction.store_set import open_store
 from src.retrieval.rerank import load_ranks, retrieve, save_ranks
 
 

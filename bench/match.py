@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.extraction.store import LocalFeatures  # noqa: E402
+from src.extraction.features import LocalFeatures  # noqa: E402
 from src.matching.verify import ENGINES, find_putative_matches, match_features  # noqa: E402
 
 NUM_FEATURES = 1000

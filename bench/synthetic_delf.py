@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.extraction.store import LocalFeatures
+from src.extraction.features import LocalFeatures
 
 DIM = 40
 VISIBLE_SHARE = 0.3

@@ -35,7 +35,7 @@ from src.extraction.sharding import (  # noqa: E402
     is_msrun_scheduler,
     resolve_shard,
 )
-from src.extraction.store import ensure_store  # noqa: E402
+from src.extraction.store_set import ensure_store  # noqa: E402
 from src.model.weights import build_extraction_model, checkpoint_id  # noqa: E402
 
 

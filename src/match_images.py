@@ -22,7 +22,7 @@ from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import find_image, image_id, read_image_list, require_writable  # noqa: E402
 from src.extraction.images import load_image  # noqa: E402
-from src.extraction.store import open_store  # noqa: E402
+from src.extraction.store_set import open_store  # noqa: E402
 from src.matching.draw import draw_matches  # noqa: E402
 from src.matching.verify import match_features  # noqa: E402
 

@@ -23,7 +23,7 @@ from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import list_images, require_writable_dir  # noqa: E402
 from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth  # noqa: E402
 from src.evaluation.metrics import evaluate, format_metrics, write_metrics  # noqa: E402
-from src.extraction.store import open_store  # noqa: E402
+from src.extraction.store_set import open_store  # noqa: E402
 from src.retrieval.rerank import retrieve, save_ranks  # noqa: E402
 
 

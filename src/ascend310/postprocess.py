@@ -27,10 +27,11 @@ from src.ascend310.protocol import (
     read_manifest,
 )
 from src.extraction.extractor import ExtractionReport, features_from_levels, write_failures
+from src.extraction.features import LocalFeatures
 from src.extraction.images import failure_reason
 from src.extraction.pca import PcaParameters, load_pca
 from src.extraction.pyramid import PyramidLevel
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.store import FeatureStore
 from src.model.network import block3_output_size
 
 LOGGER = logging.getLogger("delf.postprocess")

@@ -25,7 +25,8 @@ from model_utils.files import atomic_write_text
 from src.extraction.extractor import DelfExtractor, ExtractionReport, extract_to_store, write_failures
 from src.extraction.pca import load_pca
 from src.extraction.sharding import INDEX_STORE, QUERY_STORE, Shard, check_output_layout, device_id, plan_jobs
-from src.extraction.store import FeatureStore, ensure_store, find_shards, open_store, store_exists
+from src.extraction.store import FeatureStore
+from src.extraction.store_set import ensure_store, find_shards, open_store, store_exists
 from src.model.weights import build_extraction_model, checkpoint_id
 
 
@@ -86,7 +87,7 @@ def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_di
 
     With `shard` (one msrun rank): only its share, into its store shards, whose paths are returned.
     Without, when only complete shards of the stores exist, they are checked and returned as is
-    (their names: open them with store.open_store).
+    (their names: open them with store_set.open_store).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

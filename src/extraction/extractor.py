@@ -28,11 +28,12 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_write_text
+from src.extraction.features import LocalFeatures
 from src.extraction.images import failure_reason
 from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
 from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs, read_for_pyramid
-from src.extraction.store import FAILURES_SUFFIX, FeatureStore, LocalFeatures
+from src.extraction.store import FAILURES_SUFFIX, FeatureStore
 from src.model.network import min_input_side
 from src.model.shapes import set_input_shapes
 

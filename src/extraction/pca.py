@@ -19,7 +19,8 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
 from model_utils.files import atomic_output
-from src.extraction.store import FeatureStore, ShardedFeatureStore, open_store
+from src.extraction.store import FeatureStore
+from src.extraction.store_set import ShardedFeatureStore, open_store
 from src.model.datum_io import read_datum
 
 

@@ -6,7 +6,7 @@ msrun (MindSpore's launcher) starts `--worker_num` copies of the command over th
 reads its rank from what msrun puts in its environment (MS_NODE_ID: the rank, MS_WORKER_NUM: the
 number of ranks, DEVICE_ID: its device on the node), takes images r::N of the sorted image list
 and writes them into its own store shard (features.h5 -> features.rank<r>-of-<N>.h5, see
-store.shard_path); readers open the set as one store (store.open_store).
+store_set.shard_path); readers open the set as one store (store_set.open_store).
 
 The ranks never talk to each other (no mindspore.communication.init()): a rank that dies does not
 stall or stop the ranks of other nodes, and it can be rerun alone (msrun on its node again, or
@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from model_utils.cli import InputError
 from model_utils.files import list_images
-from src.extraction.store import find_shards, shard_path, store_exists
+from src.extraction.store_set import find_shards, shard_path, store_exists
 
 _Value = TypeVar("_Value")
 

@@ -15,10 +15,8 @@ process killed while it has them open for writing, so writers never open the sto
 So a SIGKILL at any instant leaves the last complete store plus complete journal entries, and a
 resumed run (`is_done`) redoes only the image that was being written.
 
-Shards: a run split over N ranks (msrun) writes one store per rank, `<stem>.rank<r>-of-<N><suffix>`
-(features.h5 -> features.rank0-of-2.h5, ...). `open_store(path)` reads such a set as one store
-(read-only), so every reader takes the name of the whole store.
-
+A set of store shards (one per msrun rank) is read as one store through
+`store_set.open_store`.
 
 Damage (a bad disk, a file overwritten by mistake) is detected, never returned: every image carries a
 CRC-32 of its arrays, size and settings (`checksum`, in the journal entry and as a group attribute),
@@ -59,9 +57,8 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from model_utils.files import TEMP_SUFFIX, atomic_output
+from src.extraction.features import FIELDS, KEYPOINT_FIELDS, Keypoints, LocalFeatures, check_features, features_checksum
 
-FIELDS = ("locations", "scales", "descriptors", "attention")
-KEYPOINT_FIELDS = ("locations", "descriptors")
 JOURNAL_SUFFIX = ".journal"
 FAILURES_SUFFIX = ".failures.txt"  # the list of images that failed, beside a store (extractor.write_failures)
 DAMAGED_SUFFIX = ".damaged"
@@ -72,20 +69,6 @@ _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, EOFError
 # File names are limited to 255 bytes on common file systems; keep room for the temp-file affixes.
 _MAX_ENCODED_ID = 200
 _TEMP_PATTERN = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")
-
-
-class LocalFeatures(NamedTuple):
-    locations: np.ndarray  # (N, 2) float32, (y, x) in original image pixels
-    scales: np.ndarray  # (N,) float32, 1 / pyramid scale
-    descriptors: np.ndarray  # (N, D) float32
-    attention: np.ndarray  # (N,) float32
-
-
-class Keypoints(NamedTuple):
-    """What geometric verification reads of an image: LocalFeatures without scales and attention."""
-
-    locations: np.ndarray  # (N, 2) float32, (y, x)
-    descriptors: np.ndarray  # (N, D) float32
 
 
 class StoredImage(NamedTuple):
@@ -119,22 +102,6 @@ def _repair_hint(path: Path) -> str:
             f"moved to {path.name}{DAMAGED_SUFFIX}), then rerun the extraction to redo the rest")
 
 
-def features_checksum(features: LocalFeatures, image_size: Sequence[int], settings_hash: str) -> str:
-    """CRC-32 of an image's arrays (shapes and float32 bytes), size and settings: 'crc32:xxxxxxxx'.
-
-    CRC-32 catches the random damage of disks and stray writes (it is no defence against forgery)
-    and runs at over 1 GB/s, so verifying a whole store on resume costs about one read of it.
-    """
-    crc = 0
-    for array in features:
-        array = np.ascontiguousarray(array, dtype="<f4")
-        crc = zlib.crc32(repr(array.shape).encode(), crc)
-        crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)  # no copy
-    crc = zlib.crc32(np.asarray(image_size, dtype="<i8").tobytes(), crc)
-    crc = zlib.crc32(settings_hash.encode("utf-8"), crc)
-    return f"crc32:{crc:08x}"
-
-
 def _encode_id(image_id: str) -> str:
     """A file- and HDF5-safe name for an image id: percent-encoding, with '.' encoded too."""
     if not isinstance(image_id, str) or not image_id or "\0" in image_id:
@@ -146,29 +113,6 @@ def _encode_id(image_id: str) -> str:
             f"at most {_MAX_ENCODED_ID})"
         )
     return encoded
-
-
-def _check_features(image_id: str, features: LocalFeatures, error: type[InputError] = InputError) -> LocalFeatures:
-    """`features` as float32 arrays; `error` when their shapes disagree or a value is not finite."""
-    arrays = [np.asarray(a, dtype=np.float32) for a in features]
-    locations, scales, descriptors, attention = arrays
-    count = locations.shape[0] if locations.ndim else -1
-    shapes_ok = (
-        locations.shape == (count, 2)
-        and scales.shape == (count,)
-        and descriptors.ndim == 2
-        and descriptors.shape[0] == count
-        and attention.shape == (count,)
-    )
-    if not shapes_ok:
-        raise error(
-            f"features of {image_id!r} have inconsistent shapes: locations {locations.shape}, scales "
-            f"{scales.shape}, descriptors {descriptors.shape}, attention {attention.shape}"
-        )
-    bad = [name for name, a in zip(FIELDS, arrays, strict=True) if not np.isfinite(a).all()]
-    if bad:
-        raise error(f"features of {image_id!r} contain NaN or infinity in {', '.join(bad)}")
-    return LocalFeatures(*arrays)
 
 
 def _pid_is_running(pid: int) -> bool:
@@ -327,7 +271,7 @@ class FeatureStore:
                 raw, image_size, record["settings_hash"]):
             raise self._damaged(image_id, "checksum", "the stored data does not match its checksum")
         try:
-            features = _check_features(image_id, raw, DamagedImageError)
+            features = check_features(image_id, raw, DamagedImageError)
         except DamagedImageError as error:
             raise self._damaged(image_id, "arrays", error) from None
         return StoredImage(features, image_size, record["settings_hash"], record["checksum"] is not None)
@@ -432,7 +376,7 @@ class FeatureStore:
         self, image_id: str, features: LocalFeatures, *, image_size: tuple[int, int], settings_hash: str
     ) -> None:
         """Store one image's features atomically (as a journal entry); replaces an older entry."""
-        features = _check_features(image_id, features)
+        features = check_features(image_id, features)
         height, width = (int(v) for v in image_size)
         if height <= 0 or width <= 0:
             raise InputError(f"image_size of {image_id!r} must be positive (h, w), got {image_size}")
@@ -634,190 +578,3 @@ def _write_group(new: h5py.File, image_id: str, record: StoredImage) -> None:
     group.attrs["settings_hash"] = record.settings_hash
     group.attrs["num_features"] = record.features.locations.shape[0]
     group.attrs["checksum"] = features_checksum(record.features, record.image_size, record.settings_hash)
-
-
-def _npz_path(output_dir: Path, image_id: str) -> Path:
-    target = (output_dir / f"{image_id}.npz").resolve()
-    if not target.is_relative_to(output_dir.resolve()):
-        raise InputError(f"image id {image_id!r} would be exported outside {output_dir}")
-    return target
-
-
-def require_store(path: str | os.PathLike) -> Path:
-    """`path` as a Path, or FileNotFoundError when neither the HDF5 file nor its journal exists."""
-    path = Path(path)
-    if not path.exists() and not path.with_name(path.name + JOURNAL_SUFFIX).is_dir():
-        raise FileNotFoundError(f"feature store {path} not found")
-    return path
-
-
-def export_npz(store_path: str | os.PathLike, output_dir: str | os.PathLike) -> int:
-    """Write one `<image_id>.npz` (locations, scales, descriptors, attention) per stored image
-    (of a store, or of all shards of one: see open_store).
-
-    Ids containing '/' become sub-directories. Returns the number of files written.
-    """
-    output_dir = Path(output_dir)
-    with open_store(store_path) as store:  # one store, or the shards of one
-        image_ids = store.image_ids()
-        for image_id in tqdm(image_ids, desc="export", unit="image"):
-            target = _npz_path(output_dir, image_id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(target) as temporary, open(temporary, "wb") as file:
-                np.savez(file, **store.get(image_id)._asdict())
-    return len(image_ids)
-
-
-# -- a set of shards read as one store ---------------------------------------------------------
-
-
-def shard_path(path: str | os.PathLike, rank: int | str, size: int) -> Path:
-    """The store of rank `rank` of `size`: features.h5 -> features.rank0-of-2.h5 (rank '*': a glob)."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.rank{rank}-of-{size}{path.suffix}")
-
-
-def ensure_store(path: str | os.PathLike) -> None:
-    """Create an empty store file at `path` when nothing is there (a rank with no images still
-    leaves its shard, so the set is seen complete)."""
-    path = Path(path)
-    if not store_exists(path):
-        with atomic_output(path) as temporary, h5py.File(temporary, "w") as new:
-            new.attrs["format"] = "delf-features-v1"
-
-
-def store_exists(path: str | os.PathLike) -> bool:
-    """True when the HDF5 file of a store or its journal is there."""
-    path = Path(path)
-    return path.exists() or path.with_name(path.name + JOURNAL_SUFFIX).is_dir()
-
-
-def find_shards(path: str | os.PathLike) -> dict[int, dict[int, Path]]:
-    """{rank count N: {rank: shard path}} of the shards of store `path` that exist (file or journal)."""
-    path = Path(path)
-    name = re.compile(re.escape(path.stem) + r"\.rank(\d+)-of-(\d+)" + re.escape(path.suffix) + "$")
-    found: dict[int, dict[int, Path]] = {}
-    for candidate in path.parent.glob(f"{glob.escape(path.stem)}.rank*-of-*"):
-        file_name = candidate.name.removesuffix(JOURNAL_SUFFIX)
-        match = name.match(file_name)
-        if match and int(match.group(1)) < int(match.group(2)):
-            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = candidate.with_name(file_name)
-    return found
-
-
-class ShardedFeatureStore:
-    """Several feature stores (the shards of one run) read as one; read-only.
-
-    Which shard holds an image is looked up once, on first use (an image in two shards is an
-    error naming both), so open it after the extraction has finished.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], name: str | os.PathLike) -> None:
-        self.path = Path(name)  # names the set in messages
-        self.shards = [FeatureStore(path) for path in paths]
-        self._owners: dict[str, FeatureStore] | None = None
-
-    def _owner_of(self) -> dict[str, FeatureStore]:
-        if self._owners is None:
-            owners: dict[str, FeatureStore] = {}
-            for shard in self.shards:
-                for image_id in shard.image_ids():
-                    if image_id in owners:
-                        raise InputError(f"image {image_id!r} is in two shards of {self.path}: "
-                                         f"{owners[image_id].path} and {shard.path}")
-                    owners[image_id] = shard
-            self._owners = owners
-        return self._owners
-
-    def _shard(self, image_id: str) -> FeatureStore:
-        shard = self._owner_of().get(image_id)
-        if shard is None:
-            raise InputError(f"no features for image {image_id!r} in feature store {self.path} "
-                             f"({len(self.shards)} shards)")
-        return shard
-
-    def get(self, image_id: str) -> LocalFeatures:
-        return self._shard(image_id).get(image_id)
-
-    def keypoints(self, image_id: str) -> Keypoints:
-        return self._shard(image_id).keypoints(image_id)
-
-    def state(self) -> str:
-        return "\n".join(shard.state() for shard in self.shards)
-
-    def attributes(self, image_id: str) -> dict:
-        return self._shard(image_id).attributes(image_id)
-
-    def is_done(self, image_id: str, settings_hash: str) -> bool:
-        try:
-            return self.attributes(image_id)["settings_hash"] == settings_hash
-        except InputError:
-            return False
-
-    def image_ids(self) -> list[str]:
-        return sorted(self._owner_of())
-
-    def compact(self) -> None:
-        """Compact every shard (each stays its own file)."""
-        for shard in self.shards:
-            shard.compact()
-
-    def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
-
-    def __enter__(self) -> ShardedFeatureStore:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def complete_shards(path: str | os.PathLike) -> list[Path]:
-    """The shards of store `path`, every rank of one run; [] when there are none.
-
-    InputError when shards of runs with different rank counts are mixed or a rank's shard is missing.
-    """
-    found = find_shards(path)
-    if not found:
-        return []
-    if len(found) > 1:
-        raise InputError(f"feature store {path}: shards of runs over {' and '.join(map(str, sorted(found)))} "
-                         "ranks are mixed; remove the stale ones")
-    (size, ranks), = found.items()
-    missing = [rank for rank in range(size) if rank not in ranks]
-    if missing:
-        raise InputError(f"feature store {path}: {len(missing)} of {size} shards missing, first "
-                         f"{shard_path(path, missing[0], size).name}: run rank {missing[0]} of {size}")
-    return [ranks[rank] for rank in range(size)]
-
-
-def open_store(path: str | os.PathLike | Sequence[str | os.PathLike]) -> FeatureStore | ShardedFeatureStore:
-    """The feature store at `path`, for reading.
-
-    `path` is a store; or the name of a store written in shards (features.h5 when only
-    features.rank<r>-of-<N>.h5 exist), whose shards are then read as one; or a glob pattern
-    (features.rank*-of-4.h5) or a list of stores read as one. FileNotFoundError when absent.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        paths = [require_store(p) for p in path]
-        if not paths:
-            raise InputError("no feature stores given")
-        return ShardedFeatureStore(paths, paths[0]) if len(paths) > 1 else FeatureStore(paths[0])
-    path = Path(path)
-    if any(char in str(path) for char in "*?[") and not store_exists(path):
-        candidates = glob.glob(str(path)) + glob.glob(str(path) + JOURNAL_SUFFIX)
-        matches = sorted({Path(match.removesuffix(JOURNAL_SUFFIX)) for match in candidates
-                          if not match.endswith(FAILURES_SUFFIX)})
-        if not matches:
-            raise FileNotFoundError(f"no feature store matches {path}")
-        return ShardedFeatureStore(matches, path)
-    shards = complete_shards(path)
-    if store_exists(path):
-        if shards:
-            raise InputError(f"feature store {path} and shards of it ({shards[0].name}, ...) both exist: "
-                             "remove the stale one")
-        return FeatureStore(path)
-    if not shards:
-        raise FileNotFoundError(f"feature store {path} not found")
-    return ShardedFeatureStore(shards, shard_path(path, "*", len(shards)))

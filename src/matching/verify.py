@@ -27,7 +27,7 @@ from skimage.transform import AffineTransform
 
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig
-from src.extraction.store import Keypoints, LocalFeatures
+from src.extraction.features import Keypoints, LocalFeatures
 
 # Matching reads only locations and descriptors: full features, or the store's keypoints() read.
 Features = LocalFeatures | Keypoints

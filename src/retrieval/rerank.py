@@ -35,7 +35,8 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
 from model_utils.files import atomic_output
-from src.extraction.store import FeatureStore, Keypoints, LocalFeatures
+from src.extraction.features import Keypoints, LocalFeatures
+from src.extraction.store import FeatureStore
 from src.matching.verify import match_features_batch
 from src.retrieval.inverted_file import StoreSource, index_path_for, open_or_build_index
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.extraction.store import open_store, shard_path
+from src.extraction.store_set import open_store, shard_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(PROJECT_ROOT / "src" / "extract_feature.py")

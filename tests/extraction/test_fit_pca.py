@@ -5,8 +5,9 @@ import pytest
 
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
+from src.extraction.features import LocalFeatures
 from src.extraction.pca import fit_pca, load_pca, load_raw_descriptors, postprocess_descriptors, save_pca
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.store import FeatureStore
 from src.fit_pca import main
 
 

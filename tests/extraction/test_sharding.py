@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 
 from model_utils.cli import InputError
+from src.extraction.features import LocalFeatures
 from src.extraction.sharding import Shard, check_output_layout, device_id, is_msrun_scheduler, resolve_shard
-from src.extraction.store import (
-    FeatureStore,
-    LocalFeatures,
-    ShardedFeatureStore,
-    ensure_store,
-    export_npz,
-    find_shards,
-    open_store,
-    shard_path,
-)
+from src.extraction.store import FeatureStore
+from src.extraction.store_set import ShardedFeatureStore, ensure_store, export_npz, find_shards, open_store, shard_path
 from src.feature_io import main as feature_io
 
 MSRUN_VARIABLES = ("MS_ROLE", "MS_NODE_ID", "MS_WORKER_NUM", "DEVICE_ID")

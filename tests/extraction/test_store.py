@@ -14,7 +14,9 @@ import pytest
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
-from src.extraction.store import FeatureStore, LocalFeatures, export_npz
+from src.extraction.features import LocalFeatures
+from src.extraction.store import FeatureStore
+from src.extraction.store_set import export_npz
 from src.feature_io import main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +27,7 @@ def make_features(index, count=None, depth=64, version=0):
     """Deterministic features of image `index` (also run inside the crash-test subprocesses)."""
     import numpy as np  # imported here because this source also runs on its own
 
-    from src.extraction.store import LocalFeatures
+    from src.extraction.features import LocalFeatures
 
     rng = np.random.default_rng(1000 * version + index)
     count = 5 + index % 7 if count is None else count

@@ -5,14 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from src.extraction.store import (
-    DAMAGED_SUFFIX,
-    DamagedImageError,
-    DamagedStoreError,
-    FeatureStore,
-    LocalFeatures,
-    features_checksum,
-)
+from src.extraction.features import LocalFeatures, features_checksum
+from src.extraction.store import DAMAGED_SUFFIX, DamagedImageError, DamagedStoreError, FeatureStore
 from src.feature_io import main
 
 IMAGES = [f"img{index:02d}" for index in range(40)]

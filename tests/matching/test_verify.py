@@ -19,7 +19,8 @@ from PIL import Image
 
 from model_utils.cli import InputError
 from model_utils.files import find_image, image_id
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.features import LocalFeatures
+from src.extraction.store import FeatureStore
 from src.match_images import main, read_image_pair_list
 from src.matching import verify
 from src.matching.draw import draw_matches, side_by_side

@@ -20,8 +20,10 @@ from PIL import Image
 from model_utils.cli import setup_logging
 from model_utils.files import atomic_output, atomic_write_text
 from src.extraction.extractor import write_failures
+from src.extraction.features import LocalFeatures
 from src.extraction.pca import fit_pca, save_pca
-from src.extraction.store import FeatureStore, LocalFeatures, export_npz
+from src.extraction.store import FeatureStore
+from src.extraction.store_set import export_npz
 from src.match_images import main as match_images_main
 from src.matching.draw import draw_matches
 from src.matching.verify import MatchResult

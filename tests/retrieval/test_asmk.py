@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from model_utils.cli import InputError
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.features import LocalFeatures
+from src.extraction.store import FeatureStore
 from src.retrieval import asmk
 from src.retrieval import inverted_file as inverted_file_module
 from src.retrieval.inverted_file import AsmkIndex, StoreSource, build_index, index_path_for, open_or_build_index

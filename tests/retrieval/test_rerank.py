@@ -20,7 +20,8 @@ from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, protocol_ground_truth
 from src.evaluation.metrics import evaluate
-from src.extraction.store import FeatureStore, LocalFeatures
+from src.extraction.features import LocalFeatures
+from src.extraction.store import FeatureStore
 from src.matching.verify import match_features, match_features_batch
 from src.perform_retrieval import main
 from src.retrieval.rerank import rerank_by_inliers, retrieve, save_ranks
