@@ -1,6 +1,6 @@
 """Export the DELF extraction network (DelfModel "test": image -> attention, block3) as MindIR or ONNX.
 
-Input shapes (--input_shape; README "Input shapes for Ascend 310"):
+Input shapes (--input_shape; docs/export-310.md, "Input shapes"):
 
 - dynamic (MINDIR default): one `<file_name>.mindir` taking (1, 3, H, W) for any H, W. Run at each
   pyramid level's own size, it gives exactly the features of direct extraction.

@@ -3,7 +3,7 @@ descriptor in one faiss index, and descriptor votes for images.
 
 Removed from the library (src/retrieval) because the asmk mode beat it at every measured size
 on search time (3-13x) and memory (an index file of ~11 KB per image instead of 160 KB per image
-in RAM), with the same positives found (bench/retrieval.py, bench/retrieval_scale.py; README).
+in RAM), with the same positives found (bench/retrieval.py, bench/retrieval_scale.py; docs/performance.md).
 Unchanged otherwise:
 
 Up to EXACT_SEARCH_MAX_ROWS descriptors the search is exact (faiss.IndexFlatL2); beyond, an

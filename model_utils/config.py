@@ -70,7 +70,7 @@ class ExtractionConfig:
     padding: float = 145.0
     # Largest number of pixels a single pyramid level may have; bigger images are
     # downscaled with a warning instead of exhausting memory at scale 2.0.
-    max_pixels_per_scale: int = 3_500_000  # bounds extraction memory to ~3 GB (README); 1024x768 x 2 fits
+    max_pixels_per_scale: int = 3_500_000  # bounds extraction memory (docs/troubleshooting.md); 1024x768 x 2 fits
     feature_depth: int = 1024
     # How pyramid levels are resized: Pillow bilinear of the uint8 image (this suite's), or TF1's
     # legacy resize_bilinear of the normalised image (the released TF DELF models' own graph).

@@ -11,7 +11,7 @@
 #   `python src/extract_feature.py ... --rank_id R --rank_size WORKER_NUM` without msrun.
 #   Extra arguments go to src/extract_feature.py (--list_images_path, --log_path, config overrides).
 #   Environment: MASTER_ADDR (127.0.0.1), MASTER_PORT (8118), NODE_RANK, LOG_DIR (./msrun_log_extract).
-#   Memory: in graph mode each rank holds ~7 GB for 640-px images, ~15 GB for 1024-px ones (README).
+#   Memory: in graph mode each rank holds ~7 GB for 640-px images, ~15 GB for 1024-px ones (docs/troubleshooting.md, memory).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 usage() {

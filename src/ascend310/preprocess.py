@@ -1,7 +1,7 @@
 """Ascend-310 path, step 1: images -> input files of the exported DELF network (src/ascend310/protocol.py).
 
 The levels are those of direct extraction (src/extraction/pyramid.pyramid_inputs: same sizes,
-resizing and normalisation). Input modes (README, "Input shapes"):
+resizing and normalisation). Input modes (docs/export-310.md, "Input shapes"):
 
 - exact:  each level at its own size, for the dynamic-H/W MindIR (export.py's default). The
   features equal direct extraction.

@@ -102,7 +102,7 @@ def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str 
     """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound.
 
     max_pixels_per_scale bounds the largest level, and so the network's memory: the default
-    (3.5 M pixels) keeps extraction of any image near 2.7 GB in PyNative mode (README).
+    (3.5 M pixels) keeps extraction of any image near 2.7 GB in PyNative mode (docs/troubleshooting.md).
     """
     factor, unbounded = _fit_factor(height, width, config)
     if factor < unbounded:

@@ -17,7 +17,7 @@ Convolutions have two numerically equal implementations: MindSpore's native kern
 default everywhere, and what export uses) and an im2col + matmul formulation. On CPU the native
 kernels are fast only with oneDNN capped at AVX2 (model_utils/device.py does that): on AVX-512
 machines MindSpore 2.10's oneDNN otherwise falls back to its reference kernel for every
-convolution but 1x1 stride 1 (README "Why the CPU is fast now" has the figures). The matmul form
+convolution but 1x1 stride 1 (docs/network.md, "Why the CPU is fast now", has the figures). The matmul form
 is the fallback where that cap cannot apply; it is faster than uncapped native kernels in PyNative
 mode, slower in graph mode.
 """

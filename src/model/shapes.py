@@ -7,7 +7,7 @@ overall). `dynamic` declares the height and width free (`Cell.set_inputs`), so t
 compiled once, on its first call, for every size; its outputs are bit-identical to the static graph
 and to PyNative (bench/extract_throughput.py --check). `static` keeps one compilation per input
 shape: faster per image at a size seen before, for data sets with very few image sizes (see
-README, "Extraction at scale").
+docs/extraction.md, "Extraction at scale").
 """
 
 from __future__ import annotations

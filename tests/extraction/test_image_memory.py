@@ -2,7 +2,7 @@
 are decoded only as large as that level needs (Pillow draft), and conversions work in slices.
 
 The figure for real inputs (a 13000 x 13000 PNG, 178 M-pixel RGBA PNGs) is measured with
-/usr/bin/time and given in the README; these tests check the mechanisms on small synthetic images.
+/usr/bin/time and given in docs/troubleshooting.md; these tests check the mechanisms on small synthetic images.
 """
 
 import tracemalloc
@@ -46,7 +46,7 @@ def gradient(height, width):
 
 def test_default_cap_bounds_every_level():
     config = ExtractionConfig()
-    assert config.max_pixels_per_scale == 3_500_000  # measured: ~2.7 GB peak for a 13000 x 13000 PNG (README)
+    assert config.max_pixels_per_scale == 3_500_000  # ~2.7 GB peak for a 13000² PNG (docs/troubleshooting.md)
     for height, width in [(13000, 13000), (40000, 300), (1024, 768), (1024, 1024)]:
         largest = max(h * w for _, h, w in level_sizes(height, width, config))
         assert largest <= config.max_pixels_per_scale * 1.001
