@@ -75,6 +75,10 @@ class ExtractionConfig:
     # How pyramid levels are resized: Pillow bilinear of the uint8 image (this suite's), or TF1's
     # legacy resize_bilinear of the normalised image (the released TF DELF models' own graph).
     resize: str = field(default="pillow", **_option("pyramid resize: pillow or tf_legacy", ("pillow", "tf_legacy")))
+    # DELG: the pyramid levels (indices into image_scales) whose global descriptors make the image's
+    # (TF DELG's image_scales_ind; 3, 4, 5 = scales 0.7071, 1, 1.4142 of the default pyramid). DELF ignores it.
+    global_scale_indices: tuple[int, ...] = field(default=(3, 4, 5), **_option(
+        "DELG: indices into image_scales of the levels whose global descriptors are combined"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
@@ -90,14 +94,32 @@ class ExtractionConfig:
             problems.append("pca_dim must be positive")
         if self.max_pixels_per_scale <= 0:
             problems.append("max_pixels_per_scale must be positive")
+        object.__setattr__(self, "global_scale_indices", tuple(self.global_scale_indices))
+        indices = self.global_scale_indices
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices) \
+                or len(set(indices)) != len(indices):
+            problems.append(f"global_scale_indices must be distinct non-negative integers, got {list(indices)}")
         if problems:
             raise ConfigError("invalid extraction settings: " + "; ".join(problems))
+
+    def global_image_scales(self) -> tuple[float, ...]:
+        """The scales of the DELG global levels (global_scale_indices into image_scales), in pyramid order;
+        ConfigError when an index is past the pyramid (checked here, where DELG uses it: DELF ignores it)."""
+        outside = [i for i in self.global_scale_indices if i >= len(self.image_scales)]
+        if outside or not self.global_scale_indices:
+            raise ConfigError(f"extraction.global_scale_indices {list(self.global_scale_indices)}: "
+                              f"{'index ' + str(outside[0]) + ' is past' if outside else 'none of'} the "
+                              f"{len(self.image_scales)} image_scales {list(self.image_scales)}")
+        return tuple(scale for index, scale in enumerate(self.image_scales) if index in self.global_scale_indices)
 
     def settings_hash(self, checkpoint_id: str = "") -> str:
         """Stable hash of everything that changes the extracted features."""
         payload = dataclasses.asdict(self)
-        if payload["resize"] == "pillow":  # the setting predates stores: the default keeps their hashes valid
+        # Settings that predate stores: their defaults keep the stores' hashes valid.
+        if payload["resize"] == "pillow":
             del payload["resize"]
+        if tuple(payload["global_scale_indices"]) == (3, 4, 5):
+            del payload["global_scale_indices"]
         payload["checkpoint"] = checkpoint_id
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -275,11 +297,14 @@ def _coerce(key: str, value: object, kind: object, source: str) -> object:
             except yaml.YAMLError as error:
                 raise ConfigError(f"config key '{key}' in {source}: {value!r} is not a YAML list "
                                   f"({str(error).splitlines()[0]})") from None
-        if isinstance(items, list | tuple) and all(_is_number(item) for item in items):
+        if typing.get_args(kind)[0] is int:
+            if isinstance(items, list | tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                return tuple(items)
+        elif isinstance(items, list | tuple) and all(_is_number(item) for item in items):
             return tuple(float(item) for item in items)
     type_name = getattr(kind, "__name__", str(kind))
     if isinstance(kind, types.GenericAlias):
-        type_name = "list of numbers"
+        type_name = "list of integers" if typing.get_args(kind)[0] is int else "list of numbers"
     raise ConfigError(f"config key '{key}' in {source}: expected {type_name}, got {value!r}")
 
 

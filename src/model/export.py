@@ -1,11 +1,13 @@
-"""Exporting the DELF extraction network (DelfModel "test": image -> attention, block3) as MindIR or ONNX,
-and running an exported file to check it against the framework.
+"""Exporting the extraction network (DelfModel "test": image -> attention, block3; DelgModel "test":
+image -> attention, local descriptors, global descriptor) as MindIR or ONNX, and running an exported
+file to check it against the framework.
 
 Input shapes: one dynamic-H/W MindIR (each pyramid level at its own size, exactly the features of
 direct extraction), or one static model per distinct (H, W) for devices that need fixed shapes
 (Ascend 310) and for ONNX, whose MindSpore exporter has no dynamic shapes. The network always uses
-MindSpore's native convolutions. A MindIR records the backbone layout (user_info "backbone"), which
-tells the 310 postprocess the size of the maps (`exported_backbone`).
+MindSpore's native convolutions. A MindIR records its network (user_info "model_kind", "backbone",
+"backbone_depth"; `exported_network`): the backbone layout tells the 310 postprocess the size of
+the maps, the kind which outputs there are.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mindspore import Tensor, nn
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
-from src.model.network import Softplus
+from src.model.network import NetworkSpec, Softplus
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 INPUT_SHAPES = ("auto", "dynamic", "static")
@@ -52,25 +54,31 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
         examples = [Tensor(shape=[1, 3, None, None], dtype=mindspore.float32)]
     else:
         examples = [Tensor(np.zeros((1, 3, height, width), np.float32)) for height, width in dict.fromkeys(input_sizes)]
-    backbone = getattr(model, "backbone_name", "keras")
-    if input_sizes is not None and backbone != "keras":
+    spec = NetworkSpec(getattr(model, "kind", "delf"), getattr(model, "backbone_name", "keras"),
+                       getattr(model, "depth", 50))
+    if input_sizes is not None and spec.backbone != "keras":
         # Canvas inputs rely on the Keras stem's padding (src/ascend310/preprocess.place_on_canvas); the
         # slim stem's 'SAME' max-pool would see the canvas padding along the top/left of odd-sized levels.
-        raise InputError(f"static input shapes are not supported for the {backbone} backbone (imported TF DELF "
+        raise InputError(f"static input shapes are not supported for the {spec.backbone} backbone (imported TF "
                          "models): export the dynamic MindIR (--input_shape dynamic)")
+    if input_sizes is not None and spec.kind == "delg":
+        # GeM pools the whole block4 map: the canvas padding around a smaller level would enter the global descriptor.
+        raise InputError("static input shapes (canvas inputs) are not supported for a DELG model: its global "
+                         "descriptor pools the whole map; export the dynamic MindIR (--input_shape dynamic)")
     model.set_train(False)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def record_backbone(mindir_model) -> None:
-        mindir_model.user_info["backbone"] = backbone
+    def record_network(mindir_model) -> None:
+        for key, value in (("model_kind", spec.kind), ("backbone", spec.backbone), ("backbone_depth", spec.depth)):
+            mindir_model.user_info[key] = str(value)
 
     softplus_cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Softplus)]
     for cell in softplus_cells:
         cell.for_onnx = file_format == "ONNX"
     try:
         for target, example in zip(paths, examples, strict=True):
-            extra = {"custom_func": record_backbone} if file_format == "MINDIR" else {}
+            extra = {"custom_func": record_network} if file_format == "MINDIR" else {}
             with atomic_output(target, suffix=suffix) as temporary:
                 mindspore.export(model, example, file_name=str(temporary), file_format=file_format, **extra)
             written.append(target)
@@ -80,8 +88,8 @@ def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
     return written
 
 
-def exported_backbone(path: str | Path) -> str:
-    """The backbone layout a MindIR was exported with ('keras' for files that predate the record)."""
+def exported_network(path: str | Path) -> NetworkSpec:
+    """The network a MindIR was exported from (DELF, ResNet50, Keras layout for files that predate the record)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"MindIR file not found: {path}")
@@ -89,7 +97,16 @@ def exported_backbone(path: str | Path) -> str:
         user_info = mindspore.load_mindir(str(path)).user_info
     except (RuntimeError, ValueError) as error:
         raise InputError(f"{path} is not a readable MindIR file: {str(error).splitlines()[0]}") from None
-    return str(user_info.get("backbone", "keras"))
+    try:
+        return NetworkSpec(str(user_info.get("model_kind", "delf")), str(user_info.get("backbone", "keras")),
+                           int(user_info.get("backbone_depth", 50))).check()
+    except ValueError as error:
+        raise InputError(f"{path}: records a network this suite does not build: {error}") from None
+
+
+def exported_backbone(path: str | Path) -> str:
+    """The backbone layout a MindIR was exported with ('keras' for files that predate the record)."""
+    return exported_network(path).backbone
 
 
 def load_mindir(path: str | Path):

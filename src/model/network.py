@@ -1,14 +1,17 @@
-"""The DELF network: a ResNet50 backbone (two layouts), the attention head and the classifiers.
+"""The DELF network: a ResNet backbone (two layouts), the attention head and the classifiers; and the
+blocks the DELG network (src/model/delg.py) shares with it.
 
 Images are NCHW float32 RGB normalised as (x - 128) / 128. `block3` (the local-feature map) has
 1024 channels at stride 32, receptive field 291, padding 145, in both backbone layouts:
 - "keras": Keras ResNet50 (what this suite trains): the output of stage 4 subsampled by a 1x1
-  stride-2 max-pool, as the TF2 reference's `block3_strides`.
+  stride-2 max-pool, as the TF2 reference's `block3_strides`; stage5 is block4.
 - "slim": tf-slim resnet_v1_50 as TF1 delf_v1.py builds it (the released TF DELF models,
   src/model/tf_delf.py): stride 2 in the last unit of each block, explicitly padded strided convs,
-  a 'SAME' max-pool, no conv biases before BatchNorm. It ends at block3 (no "tuning" state).
+  a 'SAME' max-pool, no conv biases before BatchNorm. For DELF it ends at block3 (no "tuning"
+  state); DELG adds block4 (3 units, stride 1) and also uses resnet_v1_101 (23 units in block3).
+`NetworkSpec` (kind, backbone, depth) names a network; checkpoints and MindIR files record it.
 
-States:
+DelfModel states:
 - "tuning": images -> descriptor-classifier logits (global average of the whole block4 map);
 - "attn":   images -> (attention-classifier logits, autoencoder reconstruction loss or 0);
 - "test":   images -> (attention_scores (N,1,h,w), block3 features (N,1024,h,w)).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import NamedTuple
 
 import mindspore
 from mindspore import Parameter, Tensor, nn, ops
@@ -43,14 +47,39 @@ STAGES = (
 BLOCK_LETTERS = "abcdef"
 KERAS1_BN_EPSILON = 1e-3
 BACKBONES = ("keras", "slim")
+DEPTHS = (50, 101)  # ResNet depth: the Keras layout is ResNet50 only; tf-slim resnet_v1_50 or resnet_v1_101
+MODEL_KINDS = ("delf", "delg")
 SLIM_BN_EPSILON = 1e-5  # tf-slim resnet_arg_scope's batch_norm_epsilon
-# tf-slim resnet_v1_50 to block3 as delf_v1.py builds it: (name, units, bottleneck width, output width);
-# the last unit of every block has stride 2.
+# tf-slim resnet_v1 blocks as delf_v1.py builds them: (name, bottleneck width, output width, stride of
+# the last unit); block4 (stride 1, so block3's resolution) exists only where a head reads it (DELG).
 SLIM_BLOCKS = (
-    ("block1", 3, 64, 256),
-    ("block2", 4, 128, 512),
-    ("block3", 6, 256, 1024),
+    ("block1", 64, 256, 2),
+    ("block2", 128, 512, 2),
+    ("block3", 256, 1024, 2),
+    ("block4", 512, 2048, 1),
 )
+SLIM_UNITS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # units per block, by depth
+
+
+class NetworkSpec(NamedTuple):
+    """Which network a set of weights belongs to; checkpoints and MindIR files record it."""
+
+    kind: str = "delf"  # MODEL_KINDS: DelfModel (here) or DelgModel (src/model/delg.py)
+    backbone: str = "keras"  # BACKBONES
+    depth: int = 50  # DEPTHS
+
+    def check(self) -> NetworkSpec:
+        """ValueError naming what is not a network this suite builds."""
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.depth not in DEPTHS:
+            raise ValueError(f"backbone depth must be one of {', '.join(map(str, DEPTHS))}, got {self.depth!r}")
+        if self.depth != 50 and (self.backbone != "slim" or self.kind != "delg"):
+            raise ValueError(f"depth {self.depth} exists only for imported DELG models (slim backbone); "
+                             f"a {self.kind} model with the {self.backbone} backbone is ResNet50")
+        return self
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -162,7 +191,7 @@ class Bottleneck(nn.Cell):
 
 
 class ResNet50Backbone(nn.Cell):
-    """Keras ResNet50 up to block3 (stride 32); stage5 turns block3 into block4."""
+    """Keras ResNet50 up to block3 (stride 32); stage5 (`last_stage`) turns block3 into block4."""
 
     def __init__(self, bn_epsilon: float, impl: str) -> None:
         super().__init__()
@@ -184,6 +213,10 @@ class ResNet50Backbone(nn.Cell):
         x = self.max_pool(self.relu(self.bn_conv1(self.conv1(x))))
         x = self.stage4(self.stage3(self.stage2(x)))
         return subsample(x, 2)  # == MaxPooling2D((1, 1), strides=(2, 2)) of the reference
+
+    def last_stage(self, block3: Tensor) -> Tensor:
+        """block4 (2048 channels, block3's resolution)."""
+        return self.stage5(block3)
 
 
 class Softplus(nn.Cell):
@@ -246,21 +279,25 @@ class SlimBottleneck(nn.Cell):
         return self.relu(shortcut + self.conv3(self.conv2(self.conv1(x))))
 
 
-class SlimResNet50Backbone(nn.Cell):
-    """tf-slim resnet_v1_50 up to block3 (stride 32). Parameter names mirror the TF scopes
-    (`conv1.bn.gamma` is resnet_v1_50/conv1/BatchNorm/gamma; see src/model/tf_delf.py)."""
+class SlimResNetBackbone(nn.Cell):
+    """tf-slim resnet_v1_50 or resnet_v1_101 up to block3 (stride 32), and block4 when `with_block4`.
+    Parameter names mirror the TF scopes (`conv1.bn.gamma` is resnet_v1_50/conv1/BatchNorm/gamma;
+    see src/model/tf_delf.py)."""
 
-    def __init__(self, bn_epsilon: float, impl: str) -> None:
+    def __init__(self, bn_epsilon: float, impl: str, depth: int = 50, with_block4: bool = False) -> None:
         super().__init__()
+        if depth not in SLIM_UNITS:
+            raise ValueError(f"slim backbone depth must be one of {sorted(SLIM_UNITS)}, got {depth!r}")
         self.conv1 = SlimConv(3, 64, 7, 2, 3, True, bn_epsilon, impl)  # conv2d_same 7x7/2: pad 3 every side
         # 'SAME' max-pool: TF ignores the padding; MindSpore's 'same' mode pads the same rows and
         # columns (the extra one after), and on ReLU outputs (>= 0) any padding value <= 0 is neutral.
         self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
         in_channels = 64
-        for name, num_units, width, out_channels in SLIM_BLOCKS:
+        blocks = SLIM_BLOCKS if with_block4 else SLIM_BLOCKS[:3]
+        for (name, width, out_channels, last_stride), num_units in zip(blocks, SLIM_UNITS[depth], strict=False):
             units = OrderedDict()
             for index in range(num_units):
-                stride = 2 if index == num_units - 1 else 1
+                stride = last_stride if index == num_units - 1 else 1
                 units[f"unit_{index + 1}"] = SlimBottleneck(in_channels, width, out_channels, stride, bn_epsilon, impl)
                 in_channels = out_channels
             setattr(self, name, nn.SequentialCell(units))
@@ -269,6 +306,24 @@ class SlimResNet50Backbone(nn.Cell):
         """block3, the local-feature map."""
         x = self.pool1(self.conv1(x))
         return self.block3(self.block2(self.block1(x)))
+
+    def last_stage(self, block3: Tensor) -> Tensor:
+        """block4 (2048 channels, block3's resolution; only with `with_block4`)."""
+        return self.block4(block3)
+
+
+def build_backbone(layout: str, depth: int, bn_epsilon: float, impl: str, with_block4: bool) -> nn.Cell:
+    """The ResNet of a layout ("keras": ResNet50 with stage5; "slim": resnet_v1_<depth>)."""
+    if layout not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {layout!r}")
+    if depth not in DEPTHS:
+        raise ValueError(f"backbone depth must be one of {DEPTHS}, got {depth!r}")
+    if layout == "keras":
+        if depth != 50:
+            raise ValueError(f"the keras backbone is ResNet50 only (depth {depth} needs the slim layout of the "
+                             "imported TF models)")
+        return ResNet50Backbone(bn_epsilon, impl)
+    return SlimResNetBackbone(bn_epsilon, impl, depth, with_block4)
 
 
 class AttentionHead(nn.Cell):
@@ -307,14 +362,30 @@ def l2_normalize_channels(features: Tensor) -> Tensor:
     return features / norm
 
 
+def attend(block3: Tensor, attention: AttentionHead, autoencoder: Autoencoder | None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """(attention scores, local descriptors, reconstruction loss) of block3.
+
+    With an autoencoder (DELG) the attention reads its reconstruction and the local descriptors are
+    its code; without, both read block3 itself and the loss is 0.
+    """
+    if autoencoder is None:
+        return attention(block3), block3, ops.zeros((), mindspore.float32)
+    code, reconstruction = autoencoder(block3)
+    return attention(reconstruction), code, ops.square(reconstruction - block3).mean()
+
+
 class DelfModel(nn.Cell):
     """DELF with the state-dependent forward described in the module docstring.
 
-    `backbone` picks the ResNet50 layout ("keras" or "slim"); `backbone_name` and `bn_epsilon` are
-    kept so that checkpoints and exports can record what network their weights belong to.
+    `backbone` picks the ResNet50 layout ("keras" or "slim"); `kind`, `backbone_name`, `depth` and
+    `bn_epsilon` are kept so that checkpoints and exports can record what network their weights
+    belong to (src/model/weights.network_record).
     """
 
     BLOCK3_CHANNELS = 1024
+    kind = "delf"
+    depth = 50
 
     def __init__(self, state: str = "test", num_classes: int = 1000, bn_epsilon: float = KERAS1_BN_EPSILON,
                  conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
@@ -322,8 +393,6 @@ class DelfModel(nn.Cell):
         super().__init__()
         if state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if backbone == "slim" and state == "tuning":
             raise ValueError("the slim backbone (imported TF DELF models) ends at block3: it has no block4 to "
                              "tune; the tuning stage needs backbone keras")
@@ -331,14 +400,10 @@ class DelfModel(nn.Cell):
         self.backbone_name = backbone
         self.bn_epsilon = bn_epsilon
         self.use_autoencoder = use_autoencoder
-        if backbone == "slim":
-            self.backbone = SlimResNet50Backbone(bn_epsilon, conv_impl)
-        else:
-            self.backbone = ResNet50Backbone(bn_epsilon, conv_impl)
-        attention_channels = self.BLOCK3_CHANNELS
-        if use_autoencoder:
-            self.autoencoder = Autoencoder(self.BLOCK3_CHANNELS, autoencoder_dim, conv_impl)
-        self.attention = AttentionHead(attention_channels, bn_epsilon, conv_impl, conv1_bias=backbone == "keras")
+        self.attention_bn_epsilon = bn_epsilon
+        self.backbone = build_backbone(backbone, self.depth, bn_epsilon, conv_impl, with_block4=False)
+        self.autoencoder = Autoencoder(self.BLOCK3_CHANNELS, autoencoder_dim, conv_impl) if use_autoencoder else None
+        self.attention = AttentionHead(self.BLOCK3_CHANNELS, bn_epsilon, conv_impl, conv1_bias=backbone == "keras")
         if state != "test":
             self.desc_fc = nn.Dense(2048, num_classes, weight_init=XavierUniform())
             self.attn_fc = nn.Dense(self.BLOCK3_CHANNELS, num_classes, weight_init=XavierUniform())
@@ -365,25 +430,17 @@ class DelfModel(nn.Cell):
             self.backbone.set_train(False)
         return self
 
-    def _attention(self, block3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(attention scores, local features, reconstruction loss) from block3."""
-        if not self.use_autoencoder:
-            return self.attention(block3), block3, ops.zeros((), mindspore.float32)
-        reduced, expanded = self.autoencoder(block3)
-        reconstruction_loss = ops.square(expanded - block3).mean()
-        return self.attention(expanded), reduced, reconstruction_loss
-
     def construct(self, images: Tensor):
         block3 = self.backbone(images)
         if self.state == "tuning":
-            block4 = self.backbone.stage5(block3)
+            block4 = self.backbone.last_stage(block3)
             return self.desc_fc(block4.mean(axis=(2, 3)))
         if self.state == "attn":
             block3 = ops.stop_gradient(block3)
-            scores, _, reconstruction_loss = self._attention(block3)
+            scores, _, reconstruction_loss = attend(block3, self.attention, self.autoencoder)
             pooled = (l2_normalize_channels(block3) * scores).mean(axis=(2, 3))
             return self.attn_fc(pooled), reconstruction_loss
-        scores, local_features, _ = self._attention(block3)
+        scores, local_features, _ = attend(block3, self.attention, self.autoencoder)
         return scores, local_features
 
 

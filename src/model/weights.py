@@ -1,4 +1,10 @@
-"""Weights: Keras ResNet50 ImageNet files (.h5), MindSpore checkpoints, and building a DelfModel from them.
+"""Weights: Keras ResNet50 ImageNet files (.h5), MindSpore checkpoints, and building the network
+(DelfModel or DelgModel) from them.
+
+A checkpoint records which network its weights belong to (`network_record`): `model_kind` (delf /
+delg), `backbone` (keras / slim), `backbone_depth` (50 / 101), `bn_epsilon` and, when it differs,
+`attention_bn_epsilon`. Loading one builds that network with no flag; checkpoints from before the
+record are DELF, ResNet50, Keras layout unless the configuration says otherwise.
 
 Two different files are called `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`:
 - "keras1": the fchollet deep-learning-models v0.2 release the reference downloads. Layers
@@ -29,7 +35,8 @@ from mindspore import Tensor
 from model_utils.cli import InputError
 from model_utils.config import DelfConfig
 from model_utils.files import atomic_output
-from src.model.network import BACKBONES, KERAS1_BN_EPSILON, DelfModel, ResNet50Backbone, resolve_conv_impl
+from src.model.delg import DelgModel
+from src.model.network import KERAS1_BN_EPSILON, DelfModel, NetworkSpec, ResNet50Backbone, resolve_conv_impl
 
 LOGGER = logging.getLogger("delf.weights")
 
@@ -165,6 +172,37 @@ class PretrainedWeights(NamedTuple):
     tensors: dict[str, np.ndarray]  # MindSpore parameter name -> array
     bn_epsilon: float | None  # None when the file does not record it
     backbone: str | None  # "keras" or "slim"; None when the file does not record it (older checkpoints)
+    kind: str | None = None  # "delf" or "delg"; None when unrecorded (older checkpoints: DELF)
+    depth: int | None = None  # 50 or 101; None when unrecorded (ResNet50)
+    attention_bn_epsilon: float | None = None  # recorded only where it differs from bn_epsilon
+
+
+RECORD_KEYS = ("bn_epsilon", "attention_bn_epsilon", "backbone", "model_kind", "backbone_depth", "weights_scheme")
+
+
+def network_record(spec: NetworkSpec, bn_epsilon: float, attention_bn_epsilon: float | None = None) -> dict:
+    """What a checkpoint records about its network (mindspore.save_checkpoint's append_dict)."""
+    record = {"bn_epsilon": float(bn_epsilon), "backbone": spec.backbone, "model_kind": spec.kind,
+              "backbone_depth": int(spec.depth)}
+    if attention_bn_epsilon is not None and attention_bn_epsilon != bn_epsilon:
+        record["attention_bn_epsilon"] = float(attention_bn_epsilon)
+    return record
+
+
+def model_spec(model: DelfModel | DelgModel) -> NetworkSpec:
+    return NetworkSpec(model.kind, model.backbone_name, model.depth)
+
+
+def model_record(model: DelfModel | DelgModel) -> dict:
+    """`network_record` of a built model."""
+    return network_record(model_spec(model), model.bn_epsilon, model.attention_bn_epsilon)
+
+
+def _recorded(value) -> object:
+    """A value of a checkpoint's append_dict as a Python scalar (numbers come back as tensors)."""
+    if hasattr(value, "asnumpy"):
+        value = value.asnumpy()
+    return np.asarray(value).item() if isinstance(value, np.ndarray) else value
 
 
 def load_weights(path: str | os.PathLike) -> PretrainedWeights:
@@ -179,17 +217,20 @@ def load_weights(path: str | os.PathLike) -> PretrainedWeights:
         entries = mindspore.load_checkpoint(str(path))
     except (RuntimeError, ValueError, OSError) as error:
         raise InputError(f"{path}: not a readable MindSpore checkpoint ({str(error).splitlines()[0]})") from None
-    epsilon = entries.pop("bn_epsilon", None)
-    backbone = entries.pop("backbone", None)
-    entries.pop("weights_scheme", None)
+    record = {key: _recorded(entries.pop(key)) for key in RECORD_KEYS if key in entries}
     tensors = {name: value.asnumpy() for name, value in entries.items()}
-    if epsilon is not None:
-        epsilon = float(np.asarray(epsilon.asnumpy() if hasattr(epsilon, "asnumpy") else epsilon))
-    if backbone is not None:
-        backbone = str(backbone)
-        if backbone not in BACKBONES:
-            raise InputError(f"{path}: records backbone {backbone!r}, not one of {', '.join(BACKBONES)}")
-    return PretrainedWeights(tensors, epsilon, backbone)
+    try:
+        epsilon, attention_epsilon = (float(record[key]) if key in record else None
+                                      for key in ("bn_epsilon", "attention_bn_epsilon"))
+        depth = int(record["backbone_depth"]) if "backbone_depth" in record else None
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: records a BatchNorm epsilon or backbone depth that is not a number") from None
+    backbone, kind = (str(record[key]) if key in record else None for key in ("backbone", "model_kind"))
+    try:
+        NetworkSpec(kind or "delf", backbone or "keras", depth or 50).check()
+    except ValueError as error:
+        raise InputError(f"{path}: records a network this suite does not build: {error}") from None
+    return PretrainedWeights(tensors, epsilon, backbone, kind, depth, attention_epsilon)
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float | None]:
@@ -225,25 +266,67 @@ def assign_weights(model: DelfModel, tensors: dict[str, np.ndarray], source: str
     return left_alone
 
 
+def network_spec(state: str, weights: PretrainedWeights, backbone: str, source: str) -> NetworkSpec:
+    """The network to build: the training state decides the kind (delg: DELG; tuning, attn: DELF),
+    the weights file's record the rest; `backbone` is for files that record none."""
+    recorded = weights.kind or "delf"
+    if state in ("tuning", "attn") and recorded == "delg":
+        raise InputError(f"{source} holds a DELG network: DELF's {state} stage does not apply (DELG trains its "
+                         "global and local heads together in one stage)")
+    kind = "delg" if state == "delg" else "delf" if state in ("tuning", "attn") else recorded
+    try:
+        return NetworkSpec(kind, weights.backbone or backbone, weights.depth or 50).check()
+    except ValueError as error:
+        raise InputError(f"{source or 'no weights file'}: {error}") from None
+
+
+def new_model(state: str, spec: NetworkSpec, *, num_classes: int = 1000, bn_epsilon: float = KERAS1_BN_EPSILON,
+              conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
+              attention_bn_epsilon: float | None = None) -> DelfModel | DelgModel:
+    """A DelfModel or DelgModel (spec.kind) with initial weights; ValueError for a state the kind has not."""
+    if spec.kind == "delg":
+        return DelgModel(state, num_classes, bn_epsilon, conv_impl, autoencoder_dim, spec.backbone, spec.depth,
+                         attention_bn_epsilon)
+    return DelfModel(state, num_classes, bn_epsilon, conv_impl, use_autoencoder, autoencoder_dim, spec.backbone)
+
+
 def build_model(state: str, *, weights_path: str = "", num_classes: int = 1000, bn_epsilon: float = 0.0,
                 conv_impl: str = "native", use_autoencoder: bool = False, autoencoder_dim: int = 128,
-                required_prefixes: tuple[str, ...] = ("backbone.",), backbone: str = "keras") -> DelfModel:
-    """A DelfModel with weights from a Keras .h5 or a .ckpt; bn_epsilon 0 follows the weights file.
+                required_prefixes: tuple[str, ...] = ("backbone.",), backbone: str = "keras") -> DelfModel | DelgModel:
+    """The network a weights file (Keras .h5 or .ckpt) records, with its weights; bn_epsilon 0 follows the file.
 
-    The backbone layout is the one the weights file records; `backbone` is for files that record
-    none (older checkpoints, and no file at all).
+    What the file records wins over the arguments (`backbone`, and `use_autoencoder` /
+    `autoencoder_dim` when the file holds an autoencoder), so checkpoints need no flag.
     """
     weights = load_weights(weights_path) if weights_path else PretrainedWeights({}, None, None)
-    model = DelfModel(state, num_classes, resolve_bn_epsilon(bn_epsilon, weights.bn_epsilon),
-                      resolve_conv_impl(conv_impl), use_autoencoder, autoencoder_dim,
-                      backbone=weights.backbone or backbone)
+    spec = network_spec(state, weights, backbone, weights_path)
+    encoder = weights.tensors.get("autoencoder.encoder.weight")
+    if encoder is not None:
+        use_autoencoder, autoencoder_dim = True, int(encoder.shape[0])
+    epsilon = resolve_bn_epsilon(bn_epsilon, weights.bn_epsilon)
+    try:
+        model = new_model(state, spec, num_classes=num_classes, bn_epsilon=epsilon,
+                          conv_impl=resolve_conv_impl(conv_impl), use_autoencoder=use_autoencoder,
+                          autoencoder_dim=autoencoder_dim,
+                          attention_bn_epsilon=None if bn_epsilon else weights.attention_bn_epsilon)
+    except ValueError as error:
+        raise InputError(f"{weights_path or 'no weights file'}: {error}") from None
     if weights.tensors:
         assign_weights(model, weights.tensors, weights_path, required_prefixes)
     return model
 
 
-def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel:
-    """The 'test' network with trained weights, or seeded random weights (with a warning)."""
+def local_descriptor_depth(model: DelfModel | DelgModel) -> int:
+    """Channels of the local descriptors the 'test' network returns (block3, or the autoencoder's code)."""
+    return model.autoencoder.encoder.out_channels if model.autoencoder is not None else model.BLOCK3_CHANNELS
+
+
+def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel | DelgModel:
+    """The 'test' network with trained weights, or seeded random weights (with a warning).
+
+    The checkpoint must hold every parameter of the network it records, and its local descriptors
+    must have the depth the extraction settings expect (feature_depth, and so the PCA's).
+    """
     if ckpt_path and not Path(ckpt_path).is_file():
         raise InputError(f"checkpoint not found: {ckpt_path}")
     if not ckpt_path:
@@ -251,7 +334,13 @@ def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel:
     mindspore.set_seed(config.seed)
     model = build_model("test", weights_path=ckpt_path, bn_epsilon=config.bn_epsilon, conv_impl=config.conv_impl,
                         use_autoencoder=config.use_autoencoder, autoencoder_dim=config.autoencoder_dim,
-                        required_prefixes=("backbone.", "attention."), backbone=config.backbone)
+                        required_prefixes=("",), backbone=config.backbone)
+    depth = local_descriptor_depth(model)
+    if depth != config.extraction.feature_depth:
+        hint = (" (a DELG model: its local descriptors are the autoencoder's code, used without PCA; the "
+                f"imported DELG presets set feature_depth {depth} and use_pca false)" if model.kind == "delg" else "")
+        raise InputError(f"{ckpt_path or 'the untrained network'}: local descriptors are {depth}-D, but "
+                         f"extraction.feature_depth is {config.extraction.feature_depth}{hint}")
     model.set_train(False)
     return model
 

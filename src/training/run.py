@@ -15,8 +15,15 @@ import mindspore
 
 from model_utils.cli import InputError
 from model_utils.config import DelfConfig
-from src.model.network import DelfModel, resolve_conv_impl
-from src.model.weights import assign_weights, load_weights, resolve_bn_epsilon
+from src.model.network import resolve_conv_impl
+from src.model.weights import (
+    assign_weights,
+    load_weights,
+    model_record,
+    network_spec,
+    new_model,
+    resolve_bn_epsilon,
+)
 from src.training.data import create_dataset, find_shards, read_num_classes
 from src.training.step import (
     LOGGER,
@@ -64,15 +71,19 @@ def check_inputs(config: DelfConfig, device_target: str) -> None:
 def build_training_network(config: DelfConfig, num_classes: int, conv_impl: str):
     """(train step, bn_epsilon, start step, origin): the stage's network with its starting weights and state."""
     source = config.checkpoint_path or config.imagenet_checkpoint
-    tensors, file_epsilon, file_backbone = load_weights(source)
+    weights = load_weights(source)
+    tensors = weights.tensors
+    spec = network_spec(config.train_state, weights, config.backbone, source)
     if config.train_state == "attn" and "desc_fc.weight" not in tensors:
         raise InputError(f"checkpoint_path {source}: not a tuning checkpoint (no descriptor classifier); "
                          "the attn stage starts from the tuning result")
-    bn_epsilon = resolve_bn_epsilon(config.bn_epsilon, file_epsilon)
+    bn_epsilon = resolve_bn_epsilon(config.bn_epsilon, weights.bn_epsilon)
     mindspore.set_seed(config.seed)  # the layers not in the file start alike on every rank
     try:
-        model = DelfModel(config.train_state, num_classes, bn_epsilon, conv_impl, config.use_autoencoder,
-                          config.autoencoder_dim, backbone=file_backbone or config.backbone)
+        model = new_model(config.train_state, spec, num_classes=num_classes, bn_epsilon=bn_epsilon,
+                          conv_impl=conv_impl, use_autoencoder=config.use_autoencoder,
+                          autoencoder_dim=config.autoencoder_dim,
+                          attention_bn_epsilon=None if config.bn_epsilon else weights.attention_bn_epsilon)
     except ValueError as error:  # the slim layout (imported TF models) has no tuning stage
         raise InputError(f"{source}: {error}") from None
     assign_weights(model, tensors, source)
@@ -133,8 +144,8 @@ def run_training(config: DelfConfig, device_target: str = "CPU", rank_id: int = 
     saver = None
     if rank_id == 0:
         saver = CheckpointSaver(config.save_ckpt, config.train_state, config.save_ckpt_step,
-                                config.keep_checkpoint_max, steps_per_epoch, config.max_iters, bn_epsilon,
-                                train_step.network.model.backbone_name)
+                                config.keep_checkpoint_max, steps_per_epoch, config.max_iters,
+                                model_record(train_step.network.model))
         callbacks.append(saver)
         if config.need_summary:
             callbacks.append(mindspore.train.SummaryCollector(config.save_summary, collect_freq=config.log_interval))

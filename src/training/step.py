@@ -11,7 +11,8 @@ The network (src/delf_model.py) knows nothing of training; everything here wraps
   them), then clipped to a global norm of 10 (the reference's tf.clip_by_global_norm), then
   SGD with momentum 0.9 is applied. Clipping after averaging clips the gradient of the global
   batch, so N ranks behave like one device with the whole batch.
-- Checkpoints hold the network, the optimizer's moments and global_step, and `bn_epsilon`;
+- Checkpoints hold the network, the optimizer's moments and global_step, and the record of which
+  network they belong to (src/model/weights.network_record: kind, backbone, depth, bn_epsilon);
   they are written to a temporary file and renamed, so a crash never leaves half a checkpoint.
 """
 
@@ -202,13 +203,12 @@ def list_checkpoints(directory: str | os.PathLike, stage: str) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def save_training_checkpoint(train_step: ClippedTrainStep, path: Path, bn_epsilon: float,
-                             backbone: str = "keras") -> None:
-    """Write network + optimizer state + bn_epsilon and backbone layout atomically (temporary file, then rename)."""
+def save_training_checkpoint(train_step: ClippedTrainStep, path: Path, record: dict) -> None:
+    """Write network + optimizer state + the network record (weights.network_record) atomically
+    (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, suffix=".ckpt") as temporary:  # save_checkpoint insists on .ckpt
-        mindspore.save_checkpoint(train_step, str(temporary),
-                                  append_dict={"bn_epsilon": float(bn_epsilon), "backbone": backbone})
+        mindspore.save_checkpoint(train_step, str(temporary), append_dict=dict(record))
 
 
 def weights_fingerprint(train_step: ClippedTrainStep) -> str:
@@ -267,7 +267,7 @@ class CheckpointSaver(Callback):
     """
 
     def __init__(self, directory: str | os.PathLike, stage: str, save_every: int, keep_max: int,
-                 steps_per_epoch: int, max_iters: int, bn_epsilon: float, backbone: str = "keras") -> None:
+                 steps_per_epoch: int, max_iters: int, record: dict) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.stage = stage
@@ -275,8 +275,7 @@ class CheckpointSaver(Callback):
         self.keep_max = keep_max
         self.steps_per_epoch = steps_per_epoch
         self.max_iters = max_iters
-        self.bn_epsilon = bn_epsilon
-        self.backbone = backbone
+        self.record = record  # what the checkpoints record about the network (weights.network_record)
         self.saved: list[Path] = []
 
     def on_train_step_end(self, run_context) -> None:
@@ -289,7 +288,7 @@ class CheckpointSaver(Callback):
             raise TrainingDivergedError(f"training stopped: weight {bad} is not finite after step {step}; "
                                         "lower initial_lr or check the data")
         path = self.directory / checkpoint_name(self.stage, _epoch_of(step, self.steps_per_epoch), step)
-        save_training_checkpoint(train_step, path, self.bn_epsilon, self.backbone)
+        save_training_checkpoint(train_step, path, self.record)
         self.saved.append(path)
         LOGGER.info("saved checkpoint %s", path)
         for old in list_checkpoints(self.directory, self.stage)[:-self.keep_max]:

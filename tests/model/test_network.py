@@ -7,27 +7,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 from PIL import Image
+from random_weights import randomize
 
 from src.extraction.pyramid import normalize_images
 from src.model.network import Conv2d, DelfModel, block3_output_size, resolve_conv_impl
-
-
-def _randomize(model: DelfModel, seed: int = 0) -> dict:
-    """Give every parameter sane random values (BN variances positive) and return them."""
-    rng = np.random.default_rng(seed)
-    values = {}
-    for param in model.get_parameters():
-        value = rng.standard_normal(param.shape).astype(np.float32) * 0.05
-        if param.name.endswith("moving_variance"):
-            value = rng.uniform(0.5, 1.5, param.shape).astype(np.float32)
-        if param.name.endswith("gamma"):
-            value = rng.uniform(0.5, 1.5, param.shape).astype(np.float32)
-        if param.name.endswith("weight") and len(param.shape) == 4:
-            fan_in = int(np.prod(param.shape[1:]))
-            value = rng.standard_normal(param.shape).astype(np.float32) * np.sqrt(2.0 / fan_in)
-        param.set_data(Tensor(value))
-        values[param.name] = value
-    return values
 
 
 def _photo(images_dir, height, width):
@@ -88,7 +71,7 @@ def test_matmul_conv_equals_native(kernel, stride, padding, size):
 def test_whole_network_native_and_matmul_agree_on_a_photo(images_dir):
     native = DelfModel("test", conv_impl="native")
     fast = DelfModel("test", conv_impl="matmul")
-    values = _randomize(native)
+    values = randomize(native)
     for param in fast.get_parameters():
         param.set_data(Tensor(values[param.name]))
     native.set_train(False)
@@ -145,7 +128,7 @@ def test_test_state_has_no_classifier_and_nothing_trainable():
 def test_tuning_pools_the_whole_block4_map(images_dir):
     """The MindSpore reference averaged only a 7x7 corner of the 10x10 block4 map."""
     model = DelfModel("tuning", num_classes=5)
-    _randomize(model, seed=1)
+    randomize(model, seed=1)
     model.set_train(False)
     images = _photo(images_dir, 321, 321)
     logits = model(images).asnumpy()
@@ -161,7 +144,7 @@ def test_tuning_pools_the_whole_block4_map(images_dir):
 
 def test_attn_forward_and_attention_pooling(images_dir):
     model = DelfModel("attn", num_classes=5)
-    _randomize(model, seed=2)
+    randomize(model, seed=2)
     model.set_train(False)
     images = _photo(images_dir, 129, 129)
     logits, reconstruction_loss = model(images)
@@ -192,7 +175,7 @@ def test_normalize_images_convention():
 @pytest.mark.parametrize("conv_impl", ["native", "matmul"])
 def test_graph_mode_matches_pynative(conv_impl):
     model = DelfModel("test", conv_impl=conv_impl)
-    _randomize(model, seed=3)
+    randomize(model, seed=3)
     model.set_train(False)
     images = Tensor(np.random.default_rng(4).uniform(-1, 1, (1, 3, 70, 90)).astype(np.float32))
     _, pynative = model(images)

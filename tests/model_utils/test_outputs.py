@@ -197,7 +197,7 @@ def test_every_writer_honours_the_umask(tmp_path, shared_data, mask, expected):
         written.append(tmp_path / "run.log")
 
         network = _Tiny()
-        save_training_checkpoint(network, tmp_path / "train.ckpt", 1e-3)  # mindspore.save_checkpoint
+        save_training_checkpoint(network, tmp_path / "train.ckpt", {"bn_epsilon": 1e-3})  # mindspore.save_checkpoint
         written.append(tmp_path / "train.ckpt")
         written += export_network(network, tmp_path / "net", "MINDIR", [(1, 3)])  # mindspore.export
 

@@ -211,7 +211,7 @@ def test_checkpoint_saver_refuses_non_finite_weights(tmp_path):
     train_step.optimizer.global_step.set_data(Tensor(np.array([4], np.int32)))
     context = SimpleNamespace(original_args=lambda: SimpleNamespace(train_network=train_step))
     saver = CheckpointSaver(tmp_path, "tuning", save_every=2, keep_max=2, steps_per_epoch=3, max_iters=10,
-                            bn_epsilon=1e-3)
+                            record={"bn_epsilon": 1e-3})
     saver.on_train_step_end(context)
     saved = mindspore.load_checkpoint(str(tmp_path / "checkpoint_delf_tuning-2_4.ckpt"))
     assert int(saved["global_step"].asnumpy()[0]) == 4 and "accum.dense.weight" in saved
