@@ -40,7 +40,7 @@ from bench.synthetic_delf import DIM, POSITIVES_PER_QUERY, SETTINGS_HASH, Synthe
 from bench.vote_baseline import build_descriptor_index, vote_scores  # noqa: E402
 from src.extraction.store import FeatureStore  # noqa: E402
 from src.matching.verify import match_features, match_features_batch  # noqa: E402
-from src.retrieval.inverted_file import StoreSource, build_index  # noqa: E402
+from src.retrieval.index_build import StoreSource, build_index  # noqa: E402
 from src.retrieval.rerank import rerank_by_inliers, shortlist  # noqa: E402
 
 NUM_FEATURES = 1000

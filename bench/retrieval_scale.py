@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.synthetic_delf import DIM, POSITIVES_PER_QUERY, SyntheticDatabase, SyntheticSource  # noqa: E402
 from bench.vote_baseline import DescriptorIndex, build_descriptor_index, vote_scores  # noqa: E402
 from src.matching.verify import match_features_batch  # noqa: E402
-from src.retrieval.inverted_file import AsmkIndex, build_index  # noqa: E402
+from src.retrieval.index_build import build_index  # noqa: E402
+from src.retrieval.inverted_file import AsmkIndex  # noqa: E402
 from src.retrieval.rerank import rerank_by_inliers, shortlist  # noqa: E402
 
 ONE_MILLION = 1_000_000

@@ -97,8 +97,10 @@ class SyntheticSource:
     def descriptors(self, image_id: str) -> np.ndarray:
         return self.database.image(int(image_id[len("image"):])).descriptors
 
-    def settings_hash(self, image_id: str) -> str:
-        return SETTINGS_HASH
+    def content(self, image_id: str) -> tuple[str, str]:
+        """Images are functions of the database's parameters and their number."""
+        database = self.database
+        return SETTINGS_HASH, f"{database.num_features}:{database.positive_period}:{database.seed}:{image_id}"
 
     def fingerprint(self) -> None:
-        return None  # check every image's settings (all equal here) whenever an index is opened
+        return None  # check every image's content (all equal here) whenever an index is opened

@@ -327,6 +327,21 @@ class FeatureStore:
                 raise
             raise self._damaged(image_id, "attributes", error) from None
 
+    def content(self, image_id: str) -> tuple[str, str | None]:
+        """(settings_hash, checksum) of one stored image, not verified: the checksum changes whenever
+        the features do (None for images stored before checksums existed). Indexes key on it."""
+        entry = self._read_journal(image_id, ("settings_hash", "checksum"))
+        try:
+            if entry is None:
+                group = self._group(image_id)
+                if group is None:
+                    raise self._missing(image_id)
+                entry = group.attrs
+            checksum = entry.get("checksum")
+            return str(entry["settings_hash"]), None if checksum is None else str(checksum)
+        except _READ_ERRORS as error:
+            raise self._damaged(image_id, "attributes", error) from None
+
     def is_done(self, image_id: str, settings_hash: str) -> bool:
         """True when the image is stored intact and was extracted with these settings.
 

@@ -132,6 +132,9 @@ class ShardedFeatureStore:
     def attributes(self, image_id: str) -> dict:
         return self._shard(image_id).attributes(image_id)
 
+    def content(self, image_id: str) -> tuple[str, str | None]:
+        return self._shard(image_id).content(image_id)
+
     def is_done(self, image_id: str, settings_hash: str) -> bool:
         try:
             return self.attributes(image_id)["settings_hash"] == settings_hash

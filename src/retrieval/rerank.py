@@ -38,7 +38,8 @@ from model_utils.files import atomic_output
 from src.extraction.features import Keypoints, LocalFeatures
 from src.extraction.store import FeatureStore
 from src.matching.verify import match_features_batch
-from src.retrieval.inverted_file import StoreSource, index_path_for, open_or_build_index
+from src.retrieval.index_build import StoreSource, index_path_for, open_or_build_index
+from src.retrieval.inverted_file import image_numbers
 
 LOGGER = logging.getLogger("delf.retrieval")
 # Database images whose features are kept between queries in asmk mode (~180 KB each at 1000 x
@@ -149,7 +150,7 @@ def retrieve(
         index_dir = Path(asmk_index_dir) if asmk_index_dir else index_path_for(index_store.path)
         index = open_or_build_index(index_dir, StoreSource([index_store]), imlist,
                                     codebook_size=settings.codebook_size, seed=seed, progress=progress)
-        number_of_image = np.array([index.number_of[name] for name in imlist], dtype=np.int64)
+        number_of_image = image_numbers(index, imlist)
         LOGGER.info("ASMK index %s: %d images, %d words, %.1f MB, ready in %.1f s", index_dir,
                     len(index.image_ids), index.codebook.size, index.num_bytes() / 2**20, time.perf_counter() - started)
         features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)

@@ -1,7 +1,6 @@
 """A hostile folder end to end: one extraction run does every good image, lists every bad one, and
 never prints a traceback (issue 11's "Done when"); a full disk and a damaged store end in one line."""
 
-import contextlib
 import shutil
 import struct
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tmpfs import remount, small_tmpfs
 
 from src.extraction.store import FeatureStore
 
@@ -122,18 +122,6 @@ def test_damaged_store_is_reported_then_redone_and_never_reaches_matching(tmp_pa
     assert run_cli("-m", "src.feature_io", "list", store).returncode == 0
 
 
-@contextlib.contextmanager
-def small_tmpfs(directory: Path, size: str):
-    directory.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                      capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?); tests/extraction/test_failure_policy.py fakes ENOSPC")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=False)
-
-
 def test_disk_full_is_one_line_and_the_store_resumes(tmp_path, images_dir, random_checkpoint):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -154,7 +142,7 @@ def test_disk_full_is_one_line_and_the_store_resumes(tmp_path, images_dir, rando
         assert "free space and rerun to resume" in errors[0] and str(store) in errors[0]
         stored = len(FeatureStore(store).image_ids())
         assert 0 < stored <= count
-        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        remount(disk, "size=16m")
         resumed = run_cli(*command)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"{count - stored} images extracted, {stored} already done" in resumed.stdout

@@ -8,17 +8,20 @@ images, signs as +-1 vectors, distances by broadcasting) and shares no code with
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import h5py
 import numpy as np
 import pytest
 
 from model_utils.cli import InputError
-from src.extraction.features import LocalFeatures
+from src.extraction.features import LocalFeatures, features_checksum
 from src.extraction.store import FeatureStore
 from src.retrieval import asmk
 from src.retrieval import inverted_file as inverted_file_module
-from src.retrieval.inverted_file import AsmkIndex, StoreSource, build_index, index_path_for, open_or_build_index
+from src.retrieval.index_build import StoreSource, build_index, index_path_for, open_or_build_index
+from src.retrieval.inverted_file import AsmkIndex
 
 DIM = 40
 
@@ -204,11 +207,11 @@ class SyntheticSource:
         self.reads.append(image_id)
         return self.images[image_id]
 
-    def settings_hash(self, image_id: str) -> str:
-        return self.hash
+    def content(self, image_id: str) -> tuple[str, str]:
+        return self.hash, hashlib.sha256(self.images[image_id].tobytes()).hexdigest()
 
     def fingerprint(self) -> None:
-        return None  # unknown: open_or_build_index checks every image's settings each time
+        return None  # unknown: open_or_build_index checks every image's content each time
 
 
 @pytest.fixture()
@@ -272,13 +275,13 @@ def test_incremental_add_equals_building_at_once(tmp_path, source):
 def test_build_streams_and_buffers_a_bounded_number_of_entries(tmp_path, source, monkeypatch):
     monkeypatch.setattr(inverted_file_module, "SEGMENT_ENTRIES", 100)
     written = []
-    real_write = inverted_file_module._write_segment
+    real_flush = AsmkIndex._flush
 
-    def recording_write(directory, name, first_image, num_words, images, *rest):
-        written.append(len(images))
-        return real_write(directory, name, first_image, num_words, images, *rest)
+    def recording_flush(index, buffer):
+        written.append(sum(buffer["counts"]))
+        return real_flush(index, buffer)
 
-    monkeypatch.setattr(inverted_file_module, "_write_segment", recording_write)
+    monkeypatch.setattr(AsmkIndex, "_flush", recording_flush)
     index = build_index(tmp_path / "index", source, source.ids(), codebook_size=32)
     assert len(written) > 5 and max(written) < 100 + 32  # flushed whenever the buffer filled (<= 32 words an image)
     assert len(index.segments) == 1  # merged after the build
@@ -300,6 +303,7 @@ def test_interrupted_add_keeps_committed_segments_and_resumes(tmp_path, source, 
             return source.images[image_id]
 
     failing = Failing(0)
+    failing.images = source.images
     index = AsmkIndex.create(tmp_path / "index", whole.codebook)
     with pytest.raises(KeyboardInterrupt):
         index.add(failing, source.ids())
@@ -343,15 +347,15 @@ def write_stores(paths, source, settings_hash="h1"):
 
 
 def test_settings_are_read_again_only_when_a_store_changed(tmp_path, source, monkeypatch):
-    """At R1M, reading every image's settings on each open would take minutes: an index remembers
-    the stores' state when it last checked them all, and reads the settings only after a change."""
+    """At R1M, reading every image's checksum on each open would take minutes: an index remembers
+    the stores' state when it last compared them all, and reads the checksums only after a change."""
     paths = [tmp_path / "worker0.h5", tmp_path / "worker1.h5"]
     write_stores(paths, source)
     ids = source.ids()
     reads = []
-    attributes = FeatureStore.attributes
-    monkeypatch.setattr(FeatureStore, "attributes", lambda store, image_id: reads.append(image_id)
-                        or attributes(store, image_id))
+    content = FeatureStore.content
+    monkeypatch.setattr(FeatureStore, "content", lambda store, image_id: reads.append(image_id)
+                        or content(store, image_id))
 
     def open_index(subset=ids):
         reads.clear()
@@ -362,7 +366,7 @@ def test_settings_are_read_again_only_when_a_store_changed(tmp_path, source, mon
         return index
 
     built = open_index()
-    assert len(reads) == len(ids)  # the build records every image's settings
+    assert len(reads) == len(ids)  # the build records every image's settings and checksum
     assert open_index().image_ids == ids and reads == []  # unchanged stores: nothing read
     assert open_index(ids[:5]).image_ids == ids and reads == []
 
@@ -387,7 +391,7 @@ def test_settings_are_read_again_only_when_a_store_changed(tmp_path, source, mon
 def test_bad_indexes_and_inputs_are_one_line_errors(tmp_path, source):
     build_index(tmp_path / "index", source, source.ids(), codebook_size=16)
     (tmp_path / "index" / "index.json").write_text("{not json")
-    with pytest.raises(InputError, match=r"index\.json is not an ASMK index .*delete .* to rebuild"):
+    with pytest.raises(InputError, match=r"ASMK index .* is damaged .*index\.json is unreadable.*; delete"):
         AsmkIndex.open(tmp_path / "index")
     wrong = SyntheticSource(30, dim=24)
     index = build_index(tmp_path / "other", source, source.ids()[:10], codebook_size=16)
@@ -424,3 +428,24 @@ def test_feature_less_images_are_indexed_without_entries(tmp_path, source):
     reopened = AsmkIndex.open(tmp_path / "empty")
     assert reopened.image_ids == empties and len(reopened.segments) == 1
     assert reopened.scores(source.images["image000"]).tolist() == [0.0] * len(empties)
+
+
+def test_store_source_content_is_the_store_checksum_wherever_the_image_is(tmp_path, source):
+    """The index keys images on the store's per-image checksum: the same in a journal entry, in the
+    compacted HDF5 file, and computed from the data for images stored before checksums existed."""
+    path = tmp_path / "features.h5"
+    descriptors = source.images["image001"]
+    ones = np.ones(len(descriptors), np.float32)
+    features = LocalFeatures(np.zeros((len(descriptors), 2), np.float32), ones, descriptors, ones)
+    store = FeatureStore(path)
+    store.put("image001", features, image_size=(9, 9), settings_hash="h1")
+    in_journal = StoreSource([store]).content("image001")
+    store.close()  # compacts
+    with FeatureStore(path) as store:
+        compacted = StoreSource([store]).content("image001")
+    assert compacted == in_journal == ("h1", features_checksum(features, (9, 9), "h1"))
+    with h5py.File(path, "r+") as h5:  # as a store written before checksums existed
+        del h5["image001"].attrs["checksum"]
+    with FeatureStore(path) as store:
+        assert store.content("image001") == ("h1", None)
+        assert StoreSource([store]).content("image001") == in_journal
