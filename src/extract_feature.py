@@ -26,7 +26,12 @@ from model_utils.cli import cli_main, report_failures, setup_logging  # noqa: E4
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.device import setup_device  # noqa: E402
 from model_utils.files import list_images, read_image_list, require_writable  # noqa: E402
-from src.extraction.extractor import DelfExtractor, extract_folder, failures_path  # noqa: E402
+from src.extraction.extractor import (  # noqa: E402
+    DelfExtractor,
+    extract_folder,
+    failures_path,
+    features_settings_hash,
+)
 from src.extraction.pca import load_pca  # noqa: E402
 from src.extraction.sharding import (  # noqa: E402
     add_shard_arguments,
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # Graph mode compiles the network once (graph_shapes dynamic), then runs several times faster than PyNative.
     setup_device(config.device_target, device_id(config.device_id), graph_mode=config.mode == "graph")
     extractor = DelfExtractor(build_extraction_model(config, args.ckpt_path), settings, pca, config.graph_shapes)
-    settings_hash = settings.settings_hash(checkpoint_id(args.ckpt_path))
+    settings_hash = features_settings_hash(settings, checkpoint_id(args.ckpt_path), pca)
     report = extract_folder(image_paths, output_path, extractor, settings_hash)
     if shard:
         ensure_store(output_path)  # a rank with no images (or only failures) still completes the set

@@ -52,8 +52,8 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
     work_dir, output_dir = Path(work_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     exported, backbone = model_id(mindir_path), model_backbone(mindir_path)
-    done_hash = settings_hash(config, exported, input_mode)
     pca = load_pca(config) if config.use_pca else None
+    done_hash = settings_hash(config, exported, input_mode, pca)
     with contextlib.ExitStack() as stack:
         stores = {name: stack.enter_context(FeatureStore(output_dir / name))
                   for name in sorted({job.store for job in jobs})}
@@ -77,8 +77,8 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
                 for name, report in chunk_reports.items():
                     reports[name].merge(report)
                 bar.update(len(chunk))
-    for name, report in reports.items():
-        write_failures(output_dir / name, report.failed)
+        for name, report in reports.items():
+            write_failures(stores[name], report.failed, [job.image_id for job in jobs if job.store == name], done_hash)
     return reports
 
 

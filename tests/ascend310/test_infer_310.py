@@ -38,13 +38,13 @@ from src.ascend310.runner import model_id, run_binary, run_inference
 from src.extraction.extractor import DelfExtractor, extract_to_store, failures_path
 from src.extraction.images import load_image, resize_image
 from src.extraction.keypoints import receptive_boxes
+from src.extraction.pca import load_pca, pca_digest
 from src.extraction.pyramid import normalize_images, pyramid_inputs
 from src.extraction.store import FeatureStore
 from src.infer_310 import main as infer_310_main
 from src.infer_mindir import main as infer_main
 from src.model.export import export_network
 from src.model.network import block3_output_size
-from src.model.weights import checkpoint_id
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR = ("sacre_coeur1", "sacre_coeur2")
@@ -174,8 +174,6 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
     assert [(job.store, job.image_id) for job in jobs] == [(DEFAULT_STORE, name) for name in PAIR]
     assert run_310_path(jobs, config, mindir, tmp_path / "work", tmp_path / "features") == 2
 
-    from src.extraction.pca import load_pca
-
     extractor = DelfExtractor(model, config, load_pca(config))
     with FeatureStore(tmp_path / "direct.h5") as store:
         extract_to_store(list_images(images_dir, list(PAIR)), store, extractor, "direct", progress=False)
@@ -185,7 +183,9 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
         assert len(via_310.locations) == 20 and via_310.descriptors.shape == (20, 40)  # 26 cells, top 20
         assert_same_features(via_310, direct)
         assert attributes["image_size"] == direct_attributes["image_size"]
-        assert attributes["settings_hash"] == config.settings_hash(f"{checkpoint_id(str(mindir))};input=exact")
+        # Direct extraction's settings and PCA, the export standing in for the checkpoint.
+        assert attributes["settings_hash"] == config.settings_hash(f"{model_id(mindir)};input=exact;"
+                                                                   f"pca={pca_digest(load_pca(config))}")
     # Every chunk's inputs, outputs and manifest were deleted.
     assert files_under(tmp_path / "work") == []
 
@@ -318,7 +318,7 @@ def test_driver_keeps_one_chunk_on_disk_and_deletes_it(small_images, fake_mindir
     assert stored_ids(features / DEFAULT_STORE) == CROPS
     assert not failures_path(features / DEFAULT_STORE).exists()
     _, attributes = read_store(features / DEFAULT_STORE, "crop0")
-    assert attributes["settings_hash"] == settings_hash(FAST, model_id(fake_mindir), "exact")
+    assert attributes["settings_hash"] == settings_hash(FAST, model_id(fake_mindir), "exact", None)
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(small_images, fake_mindir, tmp_path):
