@@ -69,12 +69,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive flock on `directory` (waiting for it): for short read-modify-write updates
-    of small files in it by concurrent processes. Leaves nothing behind."""
+def directory_lock(directory: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive flock on `directory`, e.g. for read-modify-write updates of small files in it
+    by concurrent processes. Leaves nothing behind. `wait=False`: BlockingIOError when it is held."""
     handle = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
     finally:
         os.close(handle)  # releases the lock

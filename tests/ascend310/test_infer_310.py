@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import mindspore
@@ -652,3 +653,34 @@ def test_retrieval_script_writes_map(mindir, images_dir, tmp_path):
     assert ranks.shape == (7, 1) and sorted(ranks[:, 0]) == list(range(7))
     _, query = read_store(tmp_path / "infer_310_features" / "query_features.h5", names[0])
     assert query["image_size"] == (650, 680)  # the bbx crop (the photo is 780 pixels wide)
+
+
+def test_a_second_run_on_a_busy_work_folder_is_refused_naming_the_first(small_images, fake_mindir, tmp_path):
+    """Input files are named by position in the chunk: two runs sharing a work folder would store one
+    run's features under the other's image ids (issue 20). The second is refused, the first unharmed."""
+    work, jobs = tmp_path / "work", plan_jobs(small_images)
+    running, release = threading.Event(), threading.Event()
+
+    class SlowRunner(FakeRunner):
+        def __call__(self, inputs_dir, outputs_dir):
+            running.set()
+            release.wait(60)
+            return super().__call__(inputs_dir, outputs_dir)
+
+    first = threading.Thread(target=run_chunked, args=(jobs[:2], FAST, fake_mindir, SlowRunner(), work,
+                                                       tmp_path / "first"), kwargs={"progress": False})
+    first.start()
+    try:
+        assert running.wait(60)
+        with pytest.raises(InputError, match=rf"work folder {work} is in use by another run \(pid {os.getpid()} "
+                                             r"on .*\): give each run its own --work_path") as refused:
+            run_chunked(jobs[2:], FAST, fake_mindir, FakeRunner(), work, tmp_path / "second", progress=False)
+        assert "\n" not in str(refused.value)
+    finally:
+        release.set()
+        first.join()
+    assert stored_ids(tmp_path / "first" / DEFAULT_STORE) == ["crop0", "crop1"]
+    assert not (tmp_path / "second" / DEFAULT_STORE).exists()
+    assert files_under(work) == []  # nothing left behind: the next run takes the folder
+    run_chunked(jobs[2:], FAST, fake_mindir, FakeRunner(), work, tmp_path / "second", progress=False)
+    assert stored_ids(tmp_path / "second" / DEFAULT_STORE) == ["crop2", "crop3", "crop4"]
