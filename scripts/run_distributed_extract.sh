@@ -12,6 +12,11 @@
 #   Extra arguments go to src/extract_feature.py (--list_images_path, --log_path, config overrides).
 #   Environment: MASTER_ADDR (127.0.0.1), MASTER_PORT (8118), NODE_RANK, LOG_DIR (./msrun_log_extract).
 #   Memory: in graph mode each rank holds ~7 GB for 640-px images, ~15 GB for 1024-px ones (docs/troubleshooting.md, memory).
+#   Bad images never stop a run: msrun kills every rank when one exits non-zero, so each rank exits 0
+#   when only images failed and leaves its status in LOG_DIR/rank<r>.status; this script then exits 1
+#   with one line per rank whose images failed (listed in <shard>.failures.txt), as
+#   src/extract_feature.py does in one process (0 with --skip_bad_images=true). Any other error of a
+#   rank stops the run: one line with its message (msrun's own report is in LOG_DIR/msrun.stderr).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 usage() {
@@ -45,7 +50,34 @@ BIN_DIR=$(dirname "$PYTHON")
 export PATH="$BIN_DIR:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" GLOG_v=${GLOG_v:-3}
 NODE=()
 [[ -n ${NODE_RANK:-} ]] && NODE=("--node_rank=$NODE_RANK")
+LOG_DIR=$(realpath -m "${LOG_DIR:-./msrun_log_extract}")
+mkdir -p "$LOG_DIR"
+FIRST_RANK=$(( ${NODE_RANK:-0} * LOCAL_WORKER_NUM ))  # this machine's ranks: FIRST_RANK + 0..LOCAL_WORKER_NUM-1
+for (( rank = FIRST_RANK; rank < FIRST_RANK + LOCAL_WORKER_NUM; rank++ )); do
+    rm -f "$LOG_DIR/rank$rank.status"
+done
+status=0
 "$BIN_DIR/msrun" --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER_NUM" ${NODE[@]+"${NODE[@]}"} \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-8118}" \
-    --log_dir="${LOG_DIR:-./msrun_log_extract}" --join=True \
-    "$ROOT/src/extract_feature.py" --images_path "$IMAGES_PATH" --output_path "$OUTPUT_PATH" ${EXTRA[@]+"${EXTRA[@]}"}
+    --log_dir="$LOG_DIR" --join=True \
+    "$ROOT/src/extract_feature.py" --images_path "$IMAGES_PATH" --output_path "$OUTPUT_PATH" \
+    --status_dir "$LOG_DIR" ${EXTRA[@]+"${EXTRA[@]}"} 2> "$LOG_DIR/msrun.stderr" || status=$?
+if (( status != 0 )); then
+    # A rank failed for another reason than its images (msrun's traceback is in msrun.stderr): its one line.
+    reason=$(grep -h '^error: ' "$LOG_DIR"/worker_*.log 2>/dev/null | tail -n 1 || true)
+    echo "error: msrun stopped the run (exit $status)${reason:+: ${reason#error: }}; logs in $LOG_DIR" >&2
+    exit "$status"
+fi
+for (( rank = FIRST_RANK; rank < FIRST_RANK + LOCAL_WORKER_NUM; rank++ )); do
+    if [[ ! -f $LOG_DIR/rank$rank.status ]]; then
+        echo "error: rank $rank left no status in $LOG_DIR (see $LOG_DIR/worker_$rank.log)" >&2
+        status=1
+        continue
+    fi
+    { read -r rank_status; read -r summary || true; } < "$LOG_DIR/rank$rank.status"
+    if [[ $rank_status != 0 ]]; then
+        echo "$summary" >&2
+        status=$rank_status
+    fi
+done
+exit "$status"

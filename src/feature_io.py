@@ -6,7 +6,7 @@
 keeps the intact images of a damaged store (the old file is moved to STORE.damaged) and adds
 checksums to a store written before they existed; a rerun of the extraction redoes the rest.
 STORE may name a store extracted in shards (features.h5 for features.rank<r>-of-<N>.h5): `export`
-and `list` then read the shards as one store, `compact` compacts each.
+and `list` then read the shards as one store, `compact` and `repair` work on each.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python src/feature_io.py`
 from model_utils.cli import cli_main  # noqa: E402
 from model_utils.files import require_writable, require_writable_dir  # noqa: E402
 from src.extraction.store import DamagedImageError, FeatureStore  # noqa: E402
-from src.extraction.store_set import export_npz, open_store  # noqa: E402
+from src.extraction.store_set import export_npz, open_store, store_paths  # noqa: E402
 
 
 @cli_main
@@ -42,10 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     repair.add_argument("store", help="the feature store (.h5)")
     args = parser.parse_args(argv)
 
+    if args.command == "repair":  # not opened first: repair is for what fails to open
+        return _repair(store_paths(args.store))
     open_store(args.store).close()  # a missing store: one line, whatever the command
     if args.command == "export":
         require_writable_dir(args.output_dir, create=False)
-    elif args.command in ("compact", "repair"):
+    elif args.command == "compact":
         require_writable(args.store, "feature store")  # rewritten beside itself
     if args.command == "export":
         count = export_npz(args.store, args.output_dir)
@@ -54,17 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open_store(args.store) as store:
             store.compact()
             print(f"{args.store}: {len(store.image_ids())} images")
-    elif args.command == "repair":
-        with FeatureStore(args.store, open_now=False) as store:
-            report = store.repair()
-            total = len(store.image_ids())
-        if report.index_damaged:
-            print(f"the index of {args.store} was unreadable ({report.index_damaged}); no image could be kept")
-        for reason in report.damaged.values():
-            print(f"dropped: {reason}")
-        moved = f"; the old file is {report.moved_to}" if report.moved_to else ""
-        print(f"{args.store}: {total} intact images ({report.kept} kept from the HDF5 file), "
-              f"{len(report.damaged)} damaged dropped{moved}. Rerun the extraction to redo what is missing.")
     else:
         damaged = 0
         with open_store(args.store) as store:
@@ -81,6 +72,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {damaged} damaged image(s) in {args.store}: rerun the extraction to redo them, "
                   f"or `python -m src.feature_io repair {args.store}` to drop them now", file=sys.stderr)
             return 1
+    return 0
+
+
+def _repair(paths: list[Path]) -> int:
+    """Repair each store of a set (one store, or its shards, each rewritten beside itself)."""
+    for path in paths:
+        require_writable(path, "feature store")
+    for path in paths:
+        with FeatureStore(path, open_now=False) as store:
+            report = store.repair()
+            total = len(store.image_ids())
+        if report.index_damaged:
+            print(f"the index of {path} was unreadable ({report.index_damaged}); no image could be kept")
+        for reason in report.damaged.values():
+            print(f"dropped: {reason}")
+        moved = f"; the old file is {report.moved_to}" if report.moved_to else ""
+        print(f"{path}: {total} intact images ({report.kept} kept from the HDF5 file), "
+              f"{len(report.damaged)} damaged dropped{moved}.")
+    print("Rerun the extraction to redo what is missing.")
     return 0
 
 

@@ -20,6 +20,7 @@ from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import require_writable, require_writable_dir  # noqa: E402
 from src.ascend310.driver import print_summary  # noqa: E402
 from src.ascend310.postprocess import postprocess  # noqa: E402
+from src.ascend310.protocol import work_dir_lock  # noqa: E402
 from src.ascend310.runner import model_backbone, model_id  # noqa: E402
 
 
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_path:
         require_writable(args.log_path, "log file")
     setup_logging(args.log_path or None)
-    reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
-                          keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))
+    with work_dir_lock(args.work_path):
+        reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
+                              keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))
     return print_summary(reports, args.output_dir, config.skip_bad_images)
 
 

@@ -20,7 +20,7 @@ from model_utils.cli import InputError, cli_main, setup_logging  # noqa: E402
 from model_utils.config import get_config_and_args  # noqa: E402
 from model_utils.files import list_images, read_image_list, require_writable_dir  # noqa: E402
 from src.ascend310.preprocess import INPUT_MODES, plan_jobs, preprocess  # noqa: E402
-from src.ascend310.protocol import INPUTS_DIR  # noqa: E402
+from src.ascend310.protocol import INPUTS_DIR, work_dir_lock  # noqa: E402
 from src.evaluation.ground_truth import load_ground_truth  # noqa: E402
 
 
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     names = read_image_list(args.list_images_path) if args.list_images_path else None
     ground_truth = load_ground_truth(args.gt_path, sorted(list_images(args.images_path))) if args.gt_path else None
-    images = preprocess(plan_jobs(args.images_path, names, ground_truth), config.extraction, args.output_path,
-                        args.input_mode)
+    with work_dir_lock(args.output_path):
+        images = preprocess(plan_jobs(args.images_path, names, ground_truth), config.extraction, args.output_path,
+                            args.input_mode)
     failed = sum("error" in image for image in images)
     print(f"{len(images) - failed} images -> {Path(args.output_path) / INPUTS_DIR}"
           + (f" ({failed} failed: src.postprocess lists them)" if failed else ""))

@@ -14,6 +14,7 @@ and a missing file is reported, not fetched.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -135,14 +136,13 @@ def materialize(files: Sequence[DataFile], shared_dir: Path | None, cache_dir: P
         if len(in_shared) == len(files):
             return shared_dir
 
-    missing = []
+    to_copy, missing = [], []
     for entry in files:
         target = cache_dir / entry.path
         if target.is_file():
             _check(target, entry)
         elif entry.path in in_shared:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shared_dir / entry.path, target)
+            to_copy.append(entry)
         else:
             missing.append(entry)
     if missing and not allow_download:
@@ -150,6 +150,17 @@ def materialize(files: Sequence[DataFile], shared_dir: Path | None, cache_dir: P
         raise DataRegistryError(
             f"test data missing, and CI=true downloads nothing: {len(missing)} of {len(files)} files "
             f"({_name_some([entry.path for entry in missing])}) not in {looked_in}")
+    try:
+        for entry in to_copy:
+            (cache_dir / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared_dir / entry.path, cache_dir / entry.path)
+        if missing:
+            cache_dir.mkdir(parents=True, exist_ok=True)  # every download goes below it
+            if not os.access(cache_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable")
+    except OSError as error:  # a file where the folder should be, read-only storage, a full disk
+        raise DataRegistryError(f"cannot write the test data cache {cache_dir} ({_one_line(error)}): point "
+                                f"{CACHE_ENV} to a writable folder") from None
     if missing:
         _download(missing, cache_dir)
     return cache_dir

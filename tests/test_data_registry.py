@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import re
 import shutil
 import tarfile
 import threading
@@ -120,6 +121,18 @@ def test_registry_describes_exactly_the_files_of_the_data_folder(registry, share
                for source in entry.sources)
 
 
+def test_every_photo_has_a_pinned_source_and_a_fallback(registry):
+    """A repository source names a commit or a release tag first (a branch moves), and each photo
+    has a second source. The ground truth exists only in its archive on the dataset's site."""
+    for entry in registry.values():
+        assert "eb42fee2d71449efb0aa5c10549752b5d75384d8" not in str(entry.sources), entry.path  # reported missing
+        if entry.path.startswith("oxford5k_gt/"):
+            continue
+        assert len(entry.sources) >= 2, entry.path
+        first = re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/([^/]+)/", entry.sources[0].url)
+        assert first is None or re.fullmatch(r"[0-9a-f]{40}|\d+\.\d+\.\d+", first.group(1)), entry.sources[0]
+
+
 def test_ci_means_no_downloads(monkeypatch):
     monkeypatch.setenv("CI", "true")
     assert not downloads_allowed()
@@ -206,6 +219,38 @@ def test_without_downloads_the_missing_files_are_named_in_one_line(registry, mir
     assert "\n" not in message
     assert "CI=true" in message and "2 of 2 files" in message and PHOTO in message and GROUND_TRUTH in message
     assert requests == []
+
+
+def test_a_cache_that_is_a_file_is_one_line_naming_it(registry, mirror, shared_data, tmp_path):
+    """DELF_TEST_DATA naming a file while files must be copied from a partial ../shared/data, or downloaded."""
+    base_url, requests = mirror
+    shared, cache = tmp_path / "shared", tmp_path / "cache_file"
+    (shared / "images").mkdir(parents=True)
+    shutil.copyfile(shared_data / PHOTO, shared / PHOTO)
+    cache.write_text("not a folder")
+    for shared_dir in (shared, None):  # copy from shared, or download
+        with pytest.raises(DataRegistryError, match=f"cannot write the test data cache {cache} .*: point "
+                                                    "DELF_TEST_DATA to a writable folder") as raised:
+            materialize(two_files(registry, base_url), shared_dir, cache, allow_download=True)
+        assert "\n" not in str(raised.value)
+    assert requests == [] and cache.read_text() == "not a folder"
+
+
+def test_a_read_only_cache_is_one_line_naming_it(registry, mirror, shared_data, tmp_path, monkeypatch):
+    """Read-only storage (emulated: the tests may run as root, whom permissions do not stop)."""
+    import data_registry
+
+    base_url, _ = mirror
+    shared, cache = tmp_path / "shared", tmp_path / "cache"
+    (shared / "images").mkdir(parents=True)
+    shutil.copyfile(shared_data / PHOTO, shared / PHOTO)
+
+    def read_only(source, target):
+        raise OSError(30, "Read-only file system", str(target))
+
+    monkeypatch.setattr(data_registry.shutil, "copyfile", read_only)
+    with pytest.raises(DataRegistryError, match=f"cannot write the test data cache {cache} .*Read-only file system"):
+        materialize(two_files(registry, base_url), shared, cache, allow_download=True)
 
 
 # ---- sources: fallbacks and archive members ----

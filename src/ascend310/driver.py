@@ -24,7 +24,7 @@ from model_utils.cli import report_failures
 from model_utils.config import ExtractionConfig
 from src.ascend310.postprocess import settings_hash, store_outputs
 from src.ascend310.preprocess import Job, preprocess
-from src.ascend310.protocol import INPUTS_DIR, OUTPUTS_DIR, clear_work_dir, read_manifest
+from src.ascend310.protocol import INPUTS_DIR, OUTPUTS_DIR, clear_work_dir, read_manifest, work_dir_lock
 from src.ascend310.runner import ModelSet, model_backbone, model_id, run_binary, run_inference
 from src.extraction.extractor import FAILURES_SUFFIX, ExtractionReport, write_failures
 from src.extraction.pca import load_pca
@@ -51,10 +51,12 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     work_dir, output_dir = Path(work_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     exported, backbone = model_id(mindir_path), model_backbone(mindir_path)
-    done_hash = settings_hash(config, exported, input_mode)
     pca = load_pca(config) if config.use_pca else None
+    done_hash = settings_hash(config, exported, input_mode, pca)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(work_dir_lock(work_dir))  # one run per work folder
         stores = {name: stack.enter_context(FeatureStore(output_dir / name))
                   for name in sorted({job.store for job in jobs})}
         reports = {name: ExtractionReport() for name in stores}
@@ -77,8 +79,8 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
                 for name, report in chunk_reports.items():
                     reports[name].merge(report)
                 bar.update(len(chunk))
-    for name, report in reports.items():
-        write_failures(output_dir / name, report.failed)
+        for name, report in reports.items():
+            write_failures(stores[name], report.failed, [job.image_id for job in jobs if job.store == name], done_hash)
     return reports
 
 

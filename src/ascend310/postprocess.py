@@ -26,7 +26,7 @@ from src.ascend310.protocol import (
     parse_input_name,
     read_manifest,
 )
-from src.extraction.extractor import ExtractionReport, features_from_levels, write_failures
+from src.extraction.extractor import ExtractionReport, features_from_levels, features_settings_hash, write_failures
 from src.extraction.features import LocalFeatures
 from src.extraction.images import failure_reason
 from src.extraction.pca import PcaParameters, load_pca
@@ -37,9 +37,10 @@ from src.model.network import block3_output_size
 LOGGER = logging.getLogger("delf.postprocess")
 
 
-def settings_hash(config: ExtractionConfig, model_id: str, input_mode: str) -> str:
-    """The store's settings hash: extraction settings, exported weights and input mode."""
-    return config.settings_hash(f"{model_id};input={input_mode}")
+def settings_hash(config: ExtractionConfig, model_id: str, input_mode: str, pca: PcaParameters | None) -> str:
+    """The store's settings hash: as direct extraction's (extraction settings, PCA values), with the
+    exported weights and the input mode."""
+    return features_settings_hash(config, f"{model_id};input={input_mode}", pca)
 
 
 def read_level(level: dict, outputs_dir: Path, backbone: str = "keras") -> PyramidLevel:
@@ -86,7 +87,7 @@ def store_outputs(manifest: dict, outputs_dir: Path, stores: Mapping[str, Featur
     if backbone != "keras" and manifest["input_mode"] != "exact":
         raise InputError(f"{manifest['input_mode']} inputs need a Keras-layout export; this {backbone} model "
                          "takes exact inputs (src.preprocess without --input_mode canvas)")
-    run_hash = settings_hash(config, model_id, manifest["input_mode"])
+    run_hash = settings_hash(config, model_id, manifest["input_mode"], pca)
     reports = {name: ExtractionReport() for name in stores}
     for image in manifest["images"]:
         report = reports[image["store"]]
@@ -117,8 +118,10 @@ def postprocess(work_dir: str | Path, output_dir: str | Path, config: Extraction
                   for name in sorted({image["store"] for image in manifest["images"]})}
         reports = store_outputs(manifest, Path(work_dir) / OUTPUTS_DIR, stores, config, pca, model_id,
                                 backbone=backbone)
-    for name, report in reports.items():
-        write_failures(output_dir / name, report.failed)
+        run_hash = settings_hash(config, model_id, manifest["input_mode"], pca)
+        for name, report in reports.items():
+            write_failures(stores[name], report.failed,
+                           [image["image_id"] for image in manifest["images"] if image["store"] == name], run_hash)
     if not keep_outputs:
         clear_work_dir(work_dir)
     return reports

@@ -12,18 +12,25 @@ The manifest lists every image of the run: {image_id, store, path} and either {i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from model_utils.cli import InputError
-from model_utils.files import atomic_write_text
+from model_utils.files import atomic_write_text, directory_lock
 
 INPUTS_DIR = "inputs"
 OUTPUTS_DIR = "outputs"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "delf-310-v2"
 OUTPUT_SUFFIXES = ("_attention.bin", "_features.bin")
+OWNER_NAME = ".owner"  # who holds the work folder, while a run holds it
 INPUT_NAME = re.compile(r"^(?P<stem>[^.].*)_(?P<height>\d+)x(?P<width>\d+)\.bin$")
 
 
@@ -61,6 +68,33 @@ def read_manifest(work_dir: str | Path) -> dict:
         if not image["store"] or Path(image["store"]).name != image["store"]:
             raise InputError(f"manifest {path}: store must be a plain file name, got {image['store']!r}")
     return manifest
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: str | Path) -> Iterator[None]:
+    """Hold the work folder for one run. Input files are named by position in the chunk, so two
+    runs sharing it would store one run's features under the other's image ids: the second is
+    refused with an InputError naming the first (its pid, host, start and command)."""
+    work_dir = Path(work_dir)
+    owner = work_dir / OWNER_NAME
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(directory_lock(work_dir, wait=False))
+    except BlockingIOError:
+        try:
+            holder = owner.read_text().strip()
+        except OSError:
+            holder = "another process"
+        raise InputError(f"work folder {work_dir} is in use by another run ({holder}): give each run its own "
+                         "--work_path") from None
+    with held:
+        command = " ".join(sys.argv)[:300]
+        atomic_write_text(owner, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}")
+        try:
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
 
 
 def clear_work_dir(work_dir: str | Path) -> None:

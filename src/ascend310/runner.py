@@ -56,8 +56,9 @@ def model_backbone(mindir_path: str | Path) -> str:
 
 
 def model_id(mindir_path: str | Path) -> str:
-    """Identifies the exported weights in the features' settings hash, as checkpoint_id does a .ckpt."""
-    return ";".join(checkpoint_id(str(path)) for path in model_files(mindir_path))
+    """Identifies the exported weights in the features' settings hash, as checkpoint_id does a .ckpt
+    (each file by its name, which says the input size it serves, and its content)."""
+    return ";".join(f"{path.name}={checkpoint_id(str(path))}" for path in model_files(mindir_path))
 
 
 class ModelSet:

@@ -22,8 +22,14 @@ from model_utils.cli import InputError, setup_logging
 from model_utils.config import DelfConfig
 from model_utils.device import setup_device
 from model_utils.files import atomic_write_text
-from src.extraction.extractor import DelfExtractor, ExtractionReport, extract_to_store, write_failures
-from src.extraction.pca import load_pca
+from src.extraction.extractor import (
+    DelfExtractor,
+    ExtractionReport,
+    extract_to_store,
+    features_settings_hash,
+    write_failures,
+)
+from src.extraction.pca import PcaParameters, load_pca
 from src.extraction.sharding import INDEX_STORE, QUERY_STORE, Shard, check_output_layout, device_id, plan_jobs
 from src.extraction.store import FeatureStore
 from src.extraction.store_set import ensure_store, find_shards, open_store, store_exists
@@ -34,14 +40,17 @@ def _report_path(output_dir: Path, worker_index: int) -> Path:
     return output_dir / f".worker{worker_index}.report.json"
 
 
-def _extract_jobs(jobs: list[tuple], config: DelfConfig, ckpt_path: str, device_id: int,
-                  label: str) -> dict[str, dict[str, str]]:
+def _settings(config: DelfConfig, ckpt_path: str) -> tuple[PcaParameters | None, str]:
+    """The PCA (None without) and the settings hash of this run: read once, shared by every worker."""
+    pca = load_pca(config.extraction) if config.extraction.use_pca else None
+    return pca, features_settings_hash(config.extraction, checkpoint_id(ckpt_path), pca)
+
+
+def _extract_jobs(jobs: list[tuple], config: DelfConfig, ckpt_path: str, pca: PcaParameters | None,
+                  settings_hash: str, device_id: int, label: str) -> dict[str, dict[str, str]]:
     """Set up the device, build the network, extract `jobs`; {store path: {failed image id: reason}}."""
     setup_device(config.device_target, device_id, graph_mode=config.mode == "graph")
-    settings = config.extraction
-    extractor = DelfExtractor(build_extraction_model(config, ckpt_path), settings,
-                              load_pca(settings) if settings.use_pca else None, config.graph_shapes)
-    settings_hash = settings.settings_hash(checkpoint_id(ckpt_path))
+    extractor = DelfExtractor(build_extraction_model(config, ckpt_path), config.extraction, pca, config.graph_shapes)
     failed: dict[str, dict[str, str]] = {}
     for store_path in sorted({job[0] for job in jobs}):
         mine = [job for job in jobs if job[0] == store_path]
@@ -54,17 +63,18 @@ def _extract_jobs(jobs: list[tuple], config: DelfConfig, ckpt_path: str, device_
 
 
 def _worker(worker_index: int, device_id: int, jobs: list[tuple], config: DelfConfig, ckpt_path: str,
-            log_path: str, num_workers: int, output_dir: Path) -> None:
+            pca: PcaParameters | None, settings_hash: str, log_path: str, num_workers: int, output_dir: Path) -> None:
     """One process: extract its part of the jobs, report the failures in a file for the parent."""
     setup_logging(log_path)
-    failed = _extract_jobs(jobs[worker_index::num_workers], config, ckpt_path, device_id, f"worker {worker_index}")
+    failed = _extract_jobs(jobs[worker_index::num_workers], config, ckpt_path, pca, settings_hash, device_id,
+                           f"worker {worker_index}")
     atomic_write_text(_report_path(output_dir, worker_index), json.dumps(failed))
 
 
 def _read_shards(images_path: str | Path, ground_truth: dict, output_dir: Path, config: DelfConfig,
                  ckpt_path: str) -> tuple[Path, Path, ExtractionReport]:
     """The stores were extracted in shards (msrun): check they hold every image, extract nothing."""
-    settings_hash = config.extraction.settings_hash(checkpoint_id(ckpt_path))
+    _, settings_hash = _settings(config, ckpt_path)
     jobs = plan_jobs(images_path, ground_truth, output_dir)
     for store_path in (output_dir / INDEX_STORE, output_dir / QUERY_STORE):
         names = sorted(job[1] for job in jobs if job[0] == store_path)
@@ -92,12 +102,11 @@ def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_di
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stores = (output_dir / INDEX_STORE, output_dir / QUERY_STORE)
-    if config.extraction.use_pca:
-        load_pca(config.extraction)  # fail now, not in every worker
     if ckpt_path and not Path(ckpt_path).is_file():
         raise InputError(f"checkpoint not found: {ckpt_path}")
     if shard is None and not any(map(store_exists, stores)) and any(map(find_shards, stores)):
         return _read_shards(images_path, ground_truth, output_dir, config, ckpt_path)
+    pca, settings_hash = _settings(config, ckpt_path)
     for store_path in stores:
         check_output_layout(store_path, shard)
     if shard is not None:
@@ -110,7 +119,7 @@ def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_di
     report = ExtractionReport()
     by_store: dict[str, dict[str, str]] = {str(path): {} for path in stores}
     if len(device_ids) == 1:
-        for store_path, failures in _extract_jobs(jobs, config, ckpt_path, device_ids[0],
+        for store_path, failures in _extract_jobs(jobs, config, ckpt_path, pca, settings_hash, device_ids[0],
                                                   str(shard) if shard else "worker 0").items():
             by_store[store_path].update(failures)
     else:
@@ -118,8 +127,8 @@ def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_di
             _report_path(output_dir, index).unlink(missing_ok=True)
         # MindSpore is not fork-safe: start clean interpreters.
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker, args=(index, device_id, jobs, config, ckpt_path, log_path,
-                                                         len(device_ids), output_dir))
+        workers = [context.Process(target=_worker, args=(index, device_id, jobs, config, ckpt_path, pca,
+                                                         settings_hash, log_path, len(device_ids), output_dir))
                    for index, device_id in enumerate(device_ids)]
         for worker in workers:
             worker.start()
@@ -137,9 +146,9 @@ def build_feature_dataset(images_path: str | Path, ground_truth: dict, output_di
     for store_path, failures in by_store.items():
         with FeatureStore(store_path) as store:
             store.compact()
+            write_failures(store, failures, [job[1] for job in jobs if str(job[0]) == store_path], settings_hash)
         if shard is not None:
             ensure_store(store_path)  # a rank without images of this store still completes the set
-        write_failures(store_path, failures)
         report.failed.update(failures)
     return stores[0], stores[1], report
 

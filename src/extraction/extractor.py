@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
-from model_utils.files import atomic_write_text
+from model_utils.files import atomic_write_text, directory_lock
 from src.extraction.features import LocalFeatures
 from src.extraction.images import failure_reason
 from src.extraction.keypoints import select_keypoints
-from src.extraction.pca import PcaParameters, load_pca, postprocess_descriptors
+from src.extraction.pca import PcaParameters, load_pca, pca_digest, postprocess_descriptors
 from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs, read_for_pyramid
 from src.extraction.store import FAILURES_SUFFIX, FeatureStore
 from src.model.network import min_input_side
@@ -127,6 +127,15 @@ def extract(images: Iterable[np.ndarray], model, config: ExtractionConfig,
         pca = load_pca(config)
     extractor = DelfExtractor(model, config, pca if config.use_pca else None)
     return [extractor(image) for image in images]
+
+
+def features_settings_hash(settings: ExtractionConfig, model_id: str, pca: PcaParameters | None) -> str:
+    """The settings hash stored with every image: the extraction settings, the weights (`model_id`:
+    weights.checkpoint_id, or the exported model's) and the values of the PCA applied (None: none),
+    so that a rerun after a PCA refit or new weights redoes every image. One per run."""
+    if pca is not None:
+        model_id = f"{model_id};pca={pca_digest(pca)}"
+    return settings.settings_hash(model_id)
 
 
 @dataclass
@@ -252,21 +261,42 @@ def failures_path(store_path: str | Path) -> Path:
     return Path(str(store_path) + FAILURES_SUFFIX)
 
 
-def write_failures(store_path: str | Path, failed: Mapping[str, str]) -> Path | None:
-    """List the images that failed beside the store (one 'id<TAB>reason' a line); None if none failed."""
-    path = failures_path(store_path)
-    if not failed:
-        path.unlink(missing_ok=True)
-        return None
-    atomic_write_text(path, "".join(f"{image_id}\t{reason}\n" for image_id, reason in sorted(failed.items())))
+def read_failures(store_path: str | Path) -> dict[str, str]:
+    """The failures list beside a store: image id -> reason ({} when there is none)."""
+    try:
+        lines = failures_path(store_path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split("\t", 1) for line in lines if "\t" in line)
+
+
+def write_failures(store: FeatureStore, failed: Mapping[str, str], attempted: Iterable[str],
+                   settings_hash: str) -> Path | None:
+    """Update the list of images that failed, beside the store (one 'id<TAB>reason' a line).
+
+    A run over part of the images (another image list, another rank's share) must not forget the
+    failures of the rest: the entries of images this run `attempted` are replaced by its own
+    `failed`; the others stay unless the image is now stored with `settings_hash`. Concurrent runs
+    update the list one at a time. Returns the list's path, or None (and no file) when it is empty.
+    """
+    path = failures_path(store.path)
+    attempted = set(attempted)
+    with directory_lock(path.parent):
+        listed = {image_id: reason for image_id, reason in read_failures(store.path).items()
+                  if image_id not in attempted and not store.is_done(image_id, settings_hash)}
+        listed.update(failed)
+        if not listed:
+            path.unlink(missing_ok=True)
+            return None
+        atomic_write_text(path, "".join(f"{image_id}\t{reason}\n" for image_id, reason in sorted(listed.items())))
     return path
 
 
 def extract_folder(image_paths: Mapping[str, Path], store_path: str | Path, extractor: DelfExtractor,
                    settings_hash: str) -> ExtractionReport:
-    """extract_to_store into a store file, then compact it and write (or clear) its failures list."""
+    """extract_to_store into a store file, then compact it and update its failures list."""
     with FeatureStore(store_path) as store:
         report = extract_to_store(image_paths, store, extractor, settings_hash)
         store.compact()  # also merges the journal of an earlier run that stopped before compacting
-    write_failures(store_path, report.failed)
+        write_failures(store, report.failed, image_paths, settings_hash)
     return report

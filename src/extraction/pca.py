@@ -8,6 +8,7 @@ L2-normalised first, exactly as postprocess_descriptors does before projecting.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,17 @@ class PcaParameters(NamedTuple):
     mean: np.ndarray  # (D,)
     projection: np.ndarray  # (D, D), rows are principal components (descending variance)
     variances: np.ndarray | None  # (D,)
+
+
+def pca_digest(pca: PcaParameters) -> str:
+    """A digest of the loaded PCA's values: what a settings hash keys on, since the files can be
+    refitted in place (fit_pca --output_dir pca/) while their paths stay the same."""
+    digest = hashlib.sha256()
+    for array in (pca.mean, pca.projection, pca.variances):
+        if array is not None:
+            digest.update(repr(array.shape).encode())
+            digest.update(np.ascontiguousarray(array, dtype="<f8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def l2_normalize(rows: np.ndarray) -> np.ndarray:

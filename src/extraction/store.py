@@ -521,6 +521,8 @@ class FeatureStore:
         deleted; the lost images are 'not done' and redone by the next extraction run.
         """
         kept, damaged, index_damaged, moved_to = 0, {}, "", None
+        if not self.path.exists() and not self.journal_dir.is_dir():  # nothing to repair: create nothing
+            raise FileNotFoundError(f"feature store {self.path} not found")
         if self.path.exists() and not _is_hdf5(self.path):
             raise InputError(f"{self.path} is not an HDF5 file at all, so nothing in it can be repaired: move it "
                              "aside and rerun the extraction")

@@ -199,12 +199,24 @@ def open_store(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Feature
         if not matches:
             raise FileNotFoundError(f"no feature store matches {path}")
         return ShardedFeatureStore(matches, path)
+    paths = store_paths(path)
+    if paths == [path]:
+        return FeatureStore(path)
+    return ShardedFeatureStore(paths, shard_path(path, "*", len(paths)))
+
+
+def store_paths(path: str | os.PathLike) -> list[Path]:
+    """The stores that make up store `path`: [path] itself, or the shards it was extracted in.
+
+    FileNotFoundError when there are neither; InputError when both exist or the shards are
+    incomplete or mixed (complete_shards)."""
+    path = Path(path)
     shards = complete_shards(path)
     if store_exists(path):
         if shards:
             raise InputError(f"feature store {path} and shards of it ({shards[0].name}, ...) both exist: "
                              "remove the stale one")
-        return FeatureStore(path)
+        return [path]
     if not shards:
         raise FileNotFoundError(f"feature store {path} not found")
-    return ShardedFeatureStore(shards, shard_path(path, "*", len(shards)))
+    return shards

@@ -14,8 +14,10 @@ Layout of a bundle with prefix P:
 
 from __future__ import annotations
 
+import math
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +26,15 @@ import google_crc32c
 import numpy as np
 
 from model_utils.cli import InputError
-from src.model.protobuf_wire import FIXED32, FIXED64, MalformedError, parse_fields, read_varint
+from src.model.protobuf_wire import (
+    FIXED32,
+    FIXED64,
+    LENGTH_DELIMITED,
+    VARINT,
+    MalformedError,
+    parse_fields,
+    read_varint,
+)
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -77,10 +87,21 @@ def mask_crc(crc: int) -> int:
 
 # ---- protobuf wire format (just what BundleEntryProto / BundleHeaderProto need) --------------
 
-def decode_fields(message: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of every field; varints and fixed32/64 as int, the rest as bytes."""
-    return [(number, int.from_bytes(value, "little") if wire_type in (FIXED32, FIXED64) else value)
-            for number, wire_type, value in parse_fields(message)]
+def decode_fields(message: bytes, wire_types: Mapping[int, int] | None = None) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of every field; varints and fixed32/64 as int, the rest as bytes.
+
+    With `wire_types` (field number -> the wire type the schema gives it) only those fields are
+    returned, and one of another wire type is a MalformedError: a damaged message then cannot hand
+    an int where bytes are expected (or the reverse) to the caller."""
+    fields = []
+    for number, wire_type, value in parse_fields(message):
+        if wire_types is not None:
+            if number not in wire_types:
+                continue
+            if wire_type != wire_types[number]:
+                raise MalformedError(f"field {number} has wire type {wire_type}, expected {wire_types[number]}")
+        fields.append((number, int.from_bytes(value, "little") if wire_type in (FIXED32, FIXED64) else value))
+    return fields
 
 
 def _signed64(value: int) -> int:
@@ -90,20 +111,24 @@ def _signed64(value: int) -> int:
 def _decode_shape(message: bytes) -> tuple[int, ...]:
     """TensorShapeProto: repeated Dim dim = 2 (Dim: int64 size = 1); unknown_rank = 3."""
     dims = []
-    for number, value in decode_fields(message):
+    for number, value in decode_fields(message, {2: LENGTH_DELIMITED, 3: VARINT}):
         if number == 2:
-            size = next((v for n, v in decode_fields(value) if n == 1), 0)
+            size = next((v for n, v in decode_fields(value, {1: VARINT}) if n == 1), 0)
             dims.append(_signed64(size))
         elif number == 3 and value:
             raise MalformedError("tensor of unknown rank")
     return tuple(dims)
 
 
+_ENTRY_WIRE_TYPES = {1: VARINT, 2: LENGTH_DELIMITED, 3: VARINT, 4: VARINT, 5: VARINT, 6: FIXED32,
+                     7: LENGTH_DELIMITED}
+
+
 def decode_entry(name: str, message: bytes) -> BundleEntry:
     """BundleEntryProto: dtype=1, shape=2, shard_id=3, offset=4, size=5, crc32c=6 (fixed32), slices=7."""
     values: dict[int, int | bytes] = {}
     sliced = False
-    for number, value in decode_fields(message):
+    for number, value in decode_fields(message, _ENTRY_WIRE_TYPES):
         if number == 7:
             sliced = True
         else:
@@ -225,7 +250,7 @@ class TensorBundle:
 
     def _read_header(self, message: bytes) -> None:
         """BundleHeaderProto: num_shards=1, endianness=2 (0 little, 1 big), version=3."""
-        values = dict(decode_fields(message))
+        values = dict(decode_fields(message, {1: VARINT, 2: VARINT, 3: LENGTH_DELIMITED}))
         self.num_shards = int(values.get(1, 1))
         if values.get(2, 0) != 0:
             raise InputError(f"{self.index_path}: big-endian checkpoint, not supported")
@@ -243,19 +268,23 @@ class TensorBundle:
         if entry.dtype not in DTYPES:
             raise InputError(f"{self.index_path}: {name} has unsupported dtype {entry.dtype_name}")
         dtype = DTYPES[entry.dtype][1]
-        count = int(np.prod(entry.shape, dtype=np.int64))
-        if count * dtype.itemsize != entry.size:
+        if any(dim < 0 for dim in entry.shape) or math.prod(entry.shape) * dtype.itemsize != entry.size:
             raise InputError(f"{self.index_path}: {name}: {entry.size} bytes cannot hold a {entry.dtype_name} "
                              f"tensor of shape {list(entry.shape)}")
         shard = self.shard_path(entry.shard_id)
         if not shard.is_file():
             raise InputError(f"{shard}: data shard of {self.index_path} is missing (needed for {name})")
         with open(shard, "rb") as stream:
+            shard_size = os.fstat(stream.fileno()).st_size
+            # The index is checksummed, not the numbers in it: bound them before seeking.
+            if not 0 <= entry.offset <= entry.offset + entry.size <= shard_size:
+                raise InputError(f"{shard}: {name} is said to be at bytes {entry.offset}..{entry.offset + entry.size}, "
+                                 f"outside the file's {shard_size} bytes: {self.index_path} does not belong to this "
+                                 "data (a truncated shard or a mixed-up checkpoint): copy both again")
             stream.seek(entry.offset)
             data = stream.read(entry.size)
         if len(data) != entry.size:
-            raise InputError(f"{shard}: truncated: {name} needs bytes {entry.offset}..{entry.offset + entry.size}, "
-                             f"the file has {shard.stat().st_size}")
+            raise InputError(f"{shard}: {name}: read {len(data)} of {entry.size} bytes (the file shrank while read)")
         if entry.crc32c is not None and mask_crc(crc32c(data)) != entry.crc32c:
             raise InputError(f"{shard}: checksum (crc32c) mismatch for {name}: the file is corrupt")
         return np.frombuffer(data, dtype=dtype).reshape(entry.shape).copy()

@@ -29,6 +29,7 @@ from model_utils.cli import InputError
 from model_utils.files import atomic_output, atomic_write_text
 from src.model.datum_io import read_datum
 from src.model.network import SLIM_BN_EPSILON, DelfModel
+from src.model.protobuf_wire import FIXED32, LENGTH_DELIMITED
 from src.model.tf_bundle import TensorBundle, decode_fields
 
 LOGGER = logging.getLogger("delf.tf_import")
@@ -106,7 +107,7 @@ def _name_list(names: list[str], limit: int = 12) -> str:
 
 def _float_attr(attr_value: bytes) -> float | None:
     """AttrValue.f (field 4, a float)."""
-    for number, value in decode_fields(attr_value):
+    for number, value in decode_fields(attr_value, {4: FIXED32}):
         if number == 4:
             return struct.unpack("<f", struct.pack("<I", value))[0]
     return None
@@ -114,26 +115,22 @@ def _float_attr(attr_value: bytes) -> float | None:
 
 def graph_bn_epsilons(saved_model_path: str | os.PathLike) -> set[float]:
     """The `epsilon` attributes of every FusedBatchNorm node in a saved_model.pb (empty when the
-    graph has none, e.g. non-fused BatchNorm); SavedModel.meta_graphs(2).graph_def(2).node(1)."""
+    graph has none, e.g. non-fused BatchNorm); SavedModel.meta_graphs(2).graph_def(2).node(1).
+    MalformedError (a ValueError) when the file is not such a message."""
     data = Path(saved_model_path).read_bytes()
     epsilons = set()
-    for number, meta_graph in decode_fields(data):
-        if number != 2:
-            continue
-        for field, graph_def in decode_fields(meta_graph):
-            if field != 2:
-                continue
-            for kind, node in decode_fields(graph_def):
-                if kind != 1:
-                    continue
-                fields = decode_fields(node)
+    # Only the fields followed are decoded, each checked to have its schema's wire type.
+    for _, meta_graph in decode_fields(data, {2: LENGTH_DELIMITED}):
+        for _, graph_def in decode_fields(meta_graph, {2: LENGTH_DELIMITED}):
+            for _, node in decode_fields(graph_def, {1: LENGTH_DELIMITED}):
+                fields = decode_fields(node, {2: LENGTH_DELIMITED, 5: LENGTH_DELIMITED})  # op, attr
                 op = next((value for n, value in fields if n == 2), b"")
                 if not op.startswith(b"FusedBatchNorm"):
                     continue
                 for n, entry in fields:
                     if n != 5:  # attr: map<string, AttrValue> entries (key 1, value 2)
                         continue
-                    entry_fields = dict(decode_fields(entry))
+                    entry_fields = dict(decode_fields(entry, {1: LENGTH_DELIMITED, 2: LENGTH_DELIMITED}))
                     if entry_fields.get(1) == b"epsilon":
                         epsilon = _float_attr(entry_fields.get(2, b""))
                         if epsilon is not None:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import mindspore
@@ -38,13 +39,13 @@ from src.ascend310.runner import model_id, run_binary, run_inference
 from src.extraction.extractor import DelfExtractor, extract_to_store, failures_path
 from src.extraction.images import load_image, resize_image
 from src.extraction.keypoints import receptive_boxes
+from src.extraction.pca import load_pca, pca_digest
 from src.extraction.pyramid import normalize_images, pyramid_inputs
 from src.extraction.store import FeatureStore
 from src.infer_310 import main as infer_310_main
 from src.infer_mindir import main as infer_main
 from src.model.export import export_network
 from src.model.network import block3_output_size
-from src.model.weights import checkpoint_id
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR = ("sacre_coeur1", "sacre_coeur2")
@@ -174,8 +175,6 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
     assert [(job.store, job.image_id) for job in jobs] == [(DEFAULT_STORE, name) for name in PAIR]
     assert run_310_path(jobs, config, mindir, tmp_path / "work", tmp_path / "features") == 2
 
-    from src.extraction.pca import load_pca
-
     extractor = DelfExtractor(model, config, load_pca(config))
     with FeatureStore(tmp_path / "direct.h5") as store:
         extract_to_store(list_images(images_dir, list(PAIR)), store, extractor, "direct", progress=False)
@@ -185,7 +184,9 @@ def test_exact_inputs_give_the_features_of_direct_extraction(model, mindir, imag
         assert len(via_310.locations) == 20 and via_310.descriptors.shape == (20, 40)  # 26 cells, top 20
         assert_same_features(via_310, direct)
         assert attributes["image_size"] == direct_attributes["image_size"]
-        assert attributes["settings_hash"] == config.settings_hash(f"{checkpoint_id(str(mindir))};input=exact")
+        # Direct extraction's settings and PCA, the export standing in for the checkpoint.
+        assert attributes["settings_hash"] == config.settings_hash(f"{model_id(mindir)};input=exact;"
+                                                                   f"pca={pca_digest(load_pca(config))}")
     # Every chunk's inputs, outputs and manifest were deleted.
     assert files_under(tmp_path / "work") == []
 
@@ -318,7 +319,7 @@ def test_driver_keeps_one_chunk_on_disk_and_deletes_it(small_images, fake_mindir
     assert stored_ids(features / DEFAULT_STORE) == CROPS
     assert not failures_path(features / DEFAULT_STORE).exists()
     _, attributes = read_store(features / DEFAULT_STORE, "crop0")
-    assert attributes["settings_hash"] == settings_hash(FAST, model_id(fake_mindir), "exact")
+    assert attributes["settings_hash"] == settings_hash(FAST, model_id(fake_mindir), "exact", None)
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(small_images, fake_mindir, tmp_path):
@@ -652,3 +653,34 @@ def test_retrieval_script_writes_map(mindir, images_dir, tmp_path):
     assert ranks.shape == (7, 1) and sorted(ranks[:, 0]) == list(range(7))
     _, query = read_store(tmp_path / "infer_310_features" / "query_features.h5", names[0])
     assert query["image_size"] == (650, 680)  # the bbx crop (the photo is 780 pixels wide)
+
+
+def test_a_second_run_on_a_busy_work_folder_is_refused_naming_the_first(small_images, fake_mindir, tmp_path):
+    """Input files are named by position in the chunk: two runs sharing a work folder would store one
+    run's features under the other's image ids (issue 20). The second is refused, the first unharmed."""
+    work, jobs = tmp_path / "work", plan_jobs(small_images)
+    running, release = threading.Event(), threading.Event()
+
+    class SlowRunner(FakeRunner):
+        def __call__(self, inputs_dir, outputs_dir):
+            running.set()
+            release.wait(60)
+            return super().__call__(inputs_dir, outputs_dir)
+
+    first = threading.Thread(target=run_chunked, args=(jobs[:2], FAST, fake_mindir, SlowRunner(), work,
+                                                       tmp_path / "first"), kwargs={"progress": False})
+    first.start()
+    try:
+        assert running.wait(60)
+        with pytest.raises(InputError, match=rf"work folder {work} is in use by another run \(pid {os.getpid()} "
+                                             r"on .*\): give each run its own --work_path") as refused:
+            run_chunked(jobs[2:], FAST, fake_mindir, FakeRunner(), work, tmp_path / "second", progress=False)
+        assert "\n" not in str(refused.value)
+    finally:
+        release.set()
+        first.join()
+    assert stored_ids(tmp_path / "first" / DEFAULT_STORE) == ["crop0", "crop1"]
+    assert not (tmp_path / "second" / DEFAULT_STORE).exists()
+    assert files_under(work) == []  # nothing left behind: the next run takes the folder
+    run_chunked(jobs[2:], FAST, fake_mindir, FakeRunner(), work, tmp_path / "second", progress=False)
+    assert stored_ids(tmp_path / "second" / DEFAULT_STORE) == ["crop2", "crop3", "crop4"]

@@ -151,3 +151,38 @@ def test_a_killed_rank_rerun_alone_completes_the_set(images, one_process, tmp_pa
     assert (f"rank 1 of 2: {share - done_before_rerun} images extracted, {done_before_rerun} already done"
             in log), log[-2000:]
     _assert_same_features(output, one_process)
+
+
+def test_a_bad_image_stops_no_rank_and_the_launcher_says_so_in_one_line(images_dir, tmp_path):
+    """A rank that meets a bad image used to exit 1, msrun then killed the other rank mid-image, every
+    rerun did the same, and stderr ended with msrun's traceback (issue 20, item 4)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(images_dir.glob("*.jpg"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    ids = sorted(path.stem for path in folder.iterdir())
+    bad_rank = ids.index("broken") % 2
+    output = tmp_path / "features.h5"
+    fast = [*SETTINGS, "--mode=pynative", "--extraction.image_scales=[0.5]"]
+    env = {**ENV, "LOG_DIR": str(tmp_path / "logs")}
+    command = ["bash", LAUNCHER, "2", "2", str(folder), str(output), *fast]
+    for run in ("first", "rerun"):
+        env["MASTER_PORT"] = str(_free_port())
+        done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+        failures = shard_path(output, bad_rank, 2).with_name(shard_path(output, bad_rank, 2).name + ".failures.txt")
+        assert done.returncode == 1, (run, done.stderr[-3000:])
+        assert done.stderr == (f"rank {bad_rank} of 2: 1 image(s) failed, listed in {failures} "
+                               "(--skip_bad_images=true accepts them)\n"), (run, done.stderr[-3000:])
+        assert [line.split("\t")[0] for line in failures.read_text().splitlines()] == ["broken"]
+        with open_store(output) as store:  # every good image of both ranks is stored
+            assert store.image_ids() == [image_id for image_id in ids if image_id != "broken"]
+    env["MASTER_PORT"] = str(_free_port())
+    accepted = subprocess.run([*command, "--skip_bad_images=true"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, check=False)
+    assert accepted.returncode == 0 and accepted.stderr == "", accepted.stderr[-3000:]
+    env["MASTER_PORT"] = str(_free_port())  # any other error of a rank: one line with its message
+    wrong = subprocess.run([*command, "--extraction.no_such_key=1"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                           text=True, check=False)
+    assert wrong.returncode != 0 and wrong.stderr.count("\n") == 1, wrong.stderr[-3000:]
+    assert wrong.stderr.startswith("error: msrun stopped the run") and "unknown config key" in wrong.stderr

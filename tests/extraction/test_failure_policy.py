@@ -82,12 +82,14 @@ def test_bad_images_are_reported_never_done_and_the_others_extracted(tmp_path, r
         assert store.image_ids() == good
     assert "truncated or corrupt image" in report.failed["truncated"]
     assert all(str(paths[image_id]) in reason for image_id, reason in report.failed.items())
-    listed = write_failures(tmp_path / "f.h5", report.failed).read_text().splitlines()
+    with FeatureStore(tmp_path / "f.h5") as store:
+        listed = write_failures(store, report.failed, paths, "h").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == bad
     with FeatureStore(tmp_path / "f.h5") as store:  # a rerun retries only the bad ones
         again = extract_to_store(paths, store, extractor, "h", progress=False)
     assert (again.extracted, again.skipped, sorted(again.failed)) == (0, len(good), bad)
-    write_failures(tmp_path / "f.h5", {})
+    with FeatureStore(tmp_path / "f.h5") as store:
+        write_failures(store, {}, paths, "h")
     assert not failures_path(tmp_path / "f.h5").exists()
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from src.extraction.features import LocalFeatures, features_checksum
 from src.extraction.store import DAMAGED_SUFFIX, DamagedImageError, DamagedStoreError, FeatureStore
+from src.extraction.store_set import open_store, shard_path
 from src.feature_io import main
 
 IMAGES = [f"img{index:02d}" for index in range(40)]
@@ -217,3 +218,37 @@ def test_checksum_covers_shapes_size_and_settings():
     assert features_checksum(features, (3, 4), "h2") != base
     reshaped = features._replace(descriptors=features.descriptors.reshape(12, 20))
     assert features_checksum(reshaped, (3, 4), "h") != base
+
+
+def test_repair_of_a_set_of_shards_repairs_each_and_creates_no_store(tmp_path, capsys):
+    """`repair features.h5` for features.rank<r>-of-2.h5 (issue 20, item 9): it used to report
+    "0 intact images" and create an empty features.h5.journal/ that made every reader refuse the set."""
+    path = tmp_path / "features.h5"
+    shards = [shard_path(path, rank, 2) for rank in range(2)]
+    for rank, shard in enumerate(shards):
+        with FeatureStore(shard) as store:
+            for image_id in IMAGES[rank::2]:
+                store.put(image_id, features_of(IMAGES.index(image_id)), image_size=(300, 400), settings_hash="h")
+    overwrite(shards[1], shards[1].stat().st_size // 2, b"\x00" * 2**18)
+    with open_store(path) as store:
+        good, damaged = read_everything(store)
+    assert damaged and all(IMAGES.index(image_id) % 2 == 1 for image_id in damaged)
+
+    assert main(["repair", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{shards[0]}: {len(IMAGES[0::2])} intact images" in out
+    assert f"{shards[1]}: {len(IMAGES[1::2]) - len(damaged)} intact images" in out and f"{shards[1]}.damaged" in out
+    assert not path.exists() and not (tmp_path / "features.h5.journal").exists()
+    with open_store(path) as store:  # the set still opens as one store, with every intact image
+        assert store.image_ids() == sorted(good)
+    assert main(["list", str(path)]) == 0
+
+
+def test_repair_of_a_missing_store_is_one_line_and_creates_nothing(tmp_path, capsys):
+    path = tmp_path / "absent.h5"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["repair", str(path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: feature store {path} not found\n"
+    with pytest.raises(FileNotFoundError):
+        FeatureStore(path).repair()
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 from PIL import Image
+from tf_files import write_table
 
 from model_utils.cli import InputError
 from model_utils.config import get_config
@@ -154,43 +155,6 @@ def test_convert_cli_lists_and_converts(release, tmp_path):
 
 
 # ---- the TensorBundle reader on damaged and rewritten files ---------------------------------
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
-    """A table block without prefix sharing (valid: sharing is the writer's choice), one restart point."""
-    body = b"".join(_varint(0) + _varint(len(key)) + _varint(len(value)) + key + value for key, value in entries)
-    return body + struct.pack("<II", 0, 1)
-
-
-def write_table(path: Path, entries: list[tuple[bytes, bytes]], compression: int) -> None:
-    """An SSTable as TF's reader expects it: data block, metaindex, index, footer; blocks compressed
-    with Snappy when compression is 1."""
-    import cramjam
-
-    out = bytearray()
-
-    def add_block(contents: bytes) -> bytes:
-        if compression == tf_bundle.SNAPPY_COMPRESSION:
-            contents = bytes(cramjam.snappy.compress_raw(contents))
-        handle = _varint(len(out)) + _varint(len(contents))
-        trailer = bytes([compression])
-        out.extend(contents + trailer + struct.pack("<I", tf_bundle.mask_crc(tf_bundle.crc32c(contents + trailer))))
-        return handle
-
-    data_handle = add_block(_block(entries))
-    metaindex_handle = add_block(_block([]))
-    index_handle = add_block(_block([(entries[-1][0], data_handle)]))
-    footer = (metaindex_handle + index_handle).ljust(40, b"\0") + struct.pack("<Q", tf_bundle.TABLE_MAGIC)
-    path.write_bytes(bytes(out) + footer)
-
 
 def copy_variables(release: Path, target: Path) -> Path:
     shutil.copytree(release / "delf_v1" / "model" / "variables", target)

@@ -180,7 +180,8 @@ def test_every_writer_honours_the_umask(tmp_path, shared_data, mask, expected):
     with umask(mask):
         store = _store(tmp_path)  # journal .npz, then h5py compaction
         written.append(store)
-        written.append(write_failures(store, {"x": "x.jpg: broken"}))
+        with FeatureStore(store) as opened:
+            written.append(write_failures(opened, {"x": "x.jpg: broken"}, ["x"], "h"))
         export_npz(store, tmp_path / "npz")
         written += sorted((tmp_path / "npz").glob("*.npz"))
         save_pca(fit_pca(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)), tmp_path / "pca")
