@@ -64,20 +64,27 @@ PRESET_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 PCA_FILES = {"mean": "mean", "pca_proj_mat": "pca_proj_mat"}  # .datum stem -> .npy stem
 
 
-def tf_variable_name(parameter_name: str) -> str:
-    """The TF variable a DelfModel (slim) parameter is stored under, by TF_NAME_RULES."""
+def rename(parameter_name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    """A parameter name with '.' as '/', then the (pattern, replacement) rewrites of `rules` in order."""
     name = parameter_name.replace(".", "/")
-    for pattern, replacement in TF_NAME_RULES:
+    for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name)
     return name
 
 
+def first_reason(variable_name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    """The reason of the first (pattern, reason) of `rules` that matches, or None."""
+    return next((reason for pattern, reason in rules if re.search(pattern, variable_name)), None)
+
+
+def tf_variable_name(parameter_name: str) -> str:
+    """The TF variable a DelfModel (slim) parameter is stored under, by TF_NAME_RULES."""
+    return rename(parameter_name, TF_NAME_RULES)
+
+
 def ignored_reason(variable_name: str) -> str | None:
     """Why a TF variable is skipped, or None when the network needs it."""
-    for pattern, reason in IGNORED_TF_VARIABLES:
-        if re.search(pattern, variable_name):
-            return reason
-    return None
+    return first_reason(variable_name, IGNORED_TF_VARIABLES)
 
 
 def slim_parameter_shapes() -> dict[str, tuple[int, ...]]:

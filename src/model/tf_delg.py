@@ -75,18 +75,12 @@ def tf_variable_name(parameter_name: str, depth: int = 50) -> str:
     if parameter_name.startswith("backbone."):
         delf_name = tf_delf.tf_variable_name(parameter_name)  # resnet_v1_50/...
         return SCOPES[depth] + delf_name[len(SCOPES[50]):]
-    name = parameter_name.replace(".", "/")
-    for pattern, replacement in DELG_HEAD_NAME_RULES:
-        name = re.sub(pattern, replacement, name)
-    return name
+    return tf_delf.rename(parameter_name, DELG_HEAD_NAME_RULES)
 
 
 def ignored_reason(variable_name: str) -> str | None:
     """Why a TF variable is skipped, or None when the network needs it."""
-    for pattern, reason in IGNORED_DELG_VARIABLES:
-        if re.search(pattern, variable_name):
-            return reason
-    return None
+    return tf_delf.first_reason(variable_name, IGNORED_DELG_VARIABLES)
 
 
 def parameter_shapes(depth: int, autoencoder_dim: int = 128) -> dict[str, tuple[int, ...]]:

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 from PIL import Image
-from test_tf_delf_import import write_table
+from release_server import run_download_script
+from tf_files import write_table
 
 from model_utils.cli import InputError
 from model_utils.config import get_config
@@ -189,33 +190,13 @@ def test_unmatched_names_are_refused_in_one_report(r50, tmp_path):
 
 def test_download_script_fetches_checks_unpacks_and_imports(r50, tmp_path):
     """scripts/download_pretrained.sh r50delg_gldv2clean, against a local HTTP server holding the tarball."""
-    import functools
-    import http.server
-    import tarfile
-    import threading
-
-    served = tmp_path / "served"
-    served.mkdir()
-    with tarfile.open(served / "r50delg_gldv2clean_20200914.tar.gz", "w:gz") as archive:
-        archive.add(r50, arcname="r50delg_gldv2clean_20200914")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        env = {**os.environ, "DELF_RELEASE_BASE_URL": f"http://127.0.0.1:{server.server_port}"}
-        command = ["bash", "scripts/download_pretrained.sh", "r50delg_gldv2clean", str(tmp_path / "pretrained")]
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
-        # src/convert_tf_delf.py's report, through the script.
-        assert "imported 279 tensors of DELG R50" in result.stdout
-        assert "(BatchNorm epsilon 1e-05, attention 0.001, from saved_model.pb)" in result.stdout
-        assert "preset 'r50delg_gldv2clean'" in result.stdout
-        again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert again.returncode == 0 and "[skip]" in again.stdout
-    finally:
-        server.shutdown()
-        thread.join()
+    result, again = run_download_script(tmp_path, r50, "r50delg_gldv2clean_20200914", "r50delg_gldv2clean")
+    assert result.returncode == 0, result.stderr
+    # src/convert_tf_delf.py's report, through the script.
+    assert "imported 279 tensors of DELG R50" in result.stdout
+    assert "(BatchNorm epsilon 1e-05, attention 0.001, from saved_model.pb)" in result.stdout
+    assert "preset 'r50delg_gldv2clean'" in result.stdout
+    assert again.returncode == 0 and "[skip]" in again.stdout
     config = get_config(["--config_path", str(tmp_path / "pretrained" / "r50delg_gldv2clean.yaml")])
     assert config.extraction.score_threshold == 454.6
     assert load_weights(tmp_path / "pretrained" / "r50delg_gldv2clean.ckpt").kind == "delg"
