@@ -148,13 +148,14 @@ def graph_facts(model_dir: Path, depth: int) -> GraphFacts:
         return defaults
     try:
         nodes = graph_nodes(graph)
+        epsilons, modes = batch_norm_epsilons(nodes), resize_modes(nodes)
     except (MalformedError, OSError) as error:  # a damaged graph file: the weights may still be fine
         LOGGER.warning("%s: cannot read the graph (%s); BatchNorm epsilons are the defaults", graph, error)
         return defaults
     layers = {name[: -len(".gamma")]: _scope_pattern(tf_variable_name(name, depth).rsplit("/", 1)[0])
               for name in parameter_shapes(depth) if name.endswith(".gamma")}
     found: dict[str, set[float]] = {"backbone": set(), "attention": set()}
-    for node, epsilon in batch_norm_epsilons(nodes).items():
+    for node, epsilon in epsilons.items():
         layer = next((layer for layer, pattern in layers.items() if pattern.search(node)), None)
         if layer is not None:
             found["attention" if layer.startswith("attention.") else "backbone"].add(epsilon)
@@ -165,8 +166,7 @@ def graph_facts(model_dir: Path, depth: int) -> GraphFacts:
     backbone, attention = (next(iter(found[part]), None) for part in ("backbone", "attention"))
     source = graph.name if backbone is not None and attention is not None else (
         f"{graph.name} where it states them, else {defaults.source}")
-    return GraphFacts(backbone or defaults.bn_epsilon, attention or defaults.attention_bn_epsilon, source,
-                      resize_modes(nodes))
+    return GraphFacts(backbone or defaults.bn_epsilon, attention or defaults.attention_bn_epsilon, source, modes)
 
 
 # ---- the weights ----------------------------------------------------------------------------
@@ -230,7 +230,9 @@ def is_delg_release(model_dir: str | os.PathLike, preset: str = "") -> bool:
         return preset in PRESETS
     if guess_preset(model_dir):
         return True
-    bundle = TensorBundle(_model_dir(model_dir))
+    if not Path(model_dir).exists():
+        return False  # the DELF importer names the missing folder
+    bundle = TensorBundle(model_dir)
     heads = {tf_variable_name(name) for name in ("whitening.weight", "autoencoder.encoder.weight")}
     return any(name in heads or name.startswith(SCOPES[101] + "/") for name in bundle.entries)
 
