@@ -159,9 +159,9 @@ def graph_facts(model_dir: Path, depth: int) -> GraphFacts:
         layer = next((layer for layer, pattern in layers.items() if pattern.search(node)), None)
         if layer is not None:
             found["attention" if layer.startswith("attention.") else "backbone"].add(epsilon)
-    for part, epsilons in found.items():
-        if len(epsilons) > 1:
-            raise InputError(f"{graph}: the {part}'s BatchNorm layers use different epsilons {sorted(epsilons)}; "
+    for part, values in found.items():
+        if len(values) > 1:
+            raise InputError(f"{graph}: the {part}'s BatchNorm layers use different epsilons {sorted(values)}; "
                              "the network has one")
     backbone, attention = (next(iter(found[part]), None) for part in ("backbone", "attention"))
     source = graph.name if backbone is not None and attention is not None else (
