@@ -2,10 +2,10 @@
 epsilons grouped by the DELG importer, the resize mode, and damaged files as one MalformedError."""
 
 import logging
-import struct
 
 import numpy as np
 import pytest
+from tf_files import field
 
 from model_utils.cli import InputError
 from src.model import tf_delg
@@ -13,38 +13,25 @@ from src.model.protobuf_wire import MalformedError
 from src.model.tf_graph import batch_norm_epsilons, graph_nodes, resize_modes
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def message(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
 def attr(key: str, value: bytes) -> bytes:
-    return message(5, message(1, key.encode()) + message(2, value))
+    return field(5, field(1, key.encode()) + field(2, value))
 
 
 def float_attr(value: float) -> bytes:
-    return varint(4 << 3 | 5) + struct.pack("<f", value)  # AttrValue.f, fixed32
+    return field(4, int(np.array(value, "<f4").view("<u4")), wire_type=5)  # AttrValue.f, fixed32
 
 
 def bool_attr(value: bool) -> bytes:
-    return varint(5 << 3) + varint(int(value))  # AttrValue.b, varint
+    return field(5, int(value))  # AttrValue.b, varint
 
 
 def node(name: str, op: str, *attrs: bytes) -> bytes:
-    return message(1, message(1, name.encode()) + message(2, op.encode()) + b"".join(attrs))
+    return field(1, field(1, name.encode()) + field(2, op.encode()) + b"".join(attrs))
 
 
 def saved_model(*nodes: bytes) -> bytes:
     """SavedModel{schema_version: 1, meta_graphs: [MetaGraphDef{graph_def: GraphDef{node...}}]}."""
-    return varint(1 << 3) + varint(1) + message(2, message(2, b"".join(nodes)))
+    return field(1, 1) + field(2, field(2, b"".join(nodes)))
 
 
 BACKBONE_BN = "resnet_v1_50/block1/unit_1/bottleneck_v1/conv1/BatchNorm/FusedBatchNormV3"
@@ -83,9 +70,9 @@ def test_two_epsilons_in_one_part_are_refused(tmp_path):
 def test_damaged_graph_is_one_error_and_the_import_falls_back(tmp_path, caplog, damage):
     good = node(BACKBONE_BN, "FusedBatchNormV3", attr("epsilon", float_attr(1e-5)))
     if damage == "name as varint":
-        data = saved_model(message(1, varint(1 << 3) + varint(7) + message(2, b"FusedBatchNormV3")))
+        data = saved_model(field(1, field(1, 7) + field(2, b"FusedBatchNormV3")))
     elif damage == "epsilon as varint":
-        data = saved_model(node(BACKBONE_BN, "FusedBatchNormV3", attr("epsilon", varint(4 << 3) + varint(1))))
+        data = saved_model(node(BACKBONE_BN, "FusedBatchNormV3", attr("epsilon", field(4, 1))))
     else:
         data = saved_model(good)[:-5]
     path = tmp_path / "saved_model.pb"
