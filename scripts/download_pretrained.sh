@@ -5,18 +5,22 @@
 # Or, with a model name, one released TF DELF model, imported for MindSpore (src/convert_tf_delf.py):
 #   delf_v1  (ICCV'17 DELF, delf_v1_20171026)    -> DOWNLOAD_DIR/delf_v1.ckpt, delf_v1_pca/, delf_v1.yaml
 #   delf_gld (Detect-to-Retrieve DELF, GLDv1, delf_gld_20190411) -> DOWNLOAD_DIR/delf_gld.{ckpt,yaml}, ...
+#   r50delg_gld, r101delg_gld (DELG, GLDv1, *_20200814), r50delg_gldv2clean, r101delg_gldv2clean (DELG,
+#   GLDv2-clean, *_20200914)                      -> DOWNLOAD_DIR/<name>.{ckpt,yaml}
 # Usage: bash scripts/download_pretrained.sh [DOWNLOAD_DIR]             (default ./pretrained)
-#        bash scripts/download_pretrained.sh delf_v1|delf_gld [DOWNLOAD_DIR]
+#        bash scripts/download_pretrained.sh MODEL [DOWNLOAD_DIR]         (MODEL: one of the names above)
 # Downloads resume, retry, and are skipped when already complete.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/scripts/download_common.sh"
 PYTHON=${PYTHON:-python3}
 MODEL=""
-if [[ "${1:-}" == delf_v1 || "${1:-}" == delf_gld ]]; then
-    MODEL=$1
-    shift
-fi
+case "${1:-}" in
+    delf_v1 | delf_gld | r50delg_gld | r101delg_gld | r50delg_gldv2clean | r101delg_gldv2clean)
+        MODEL=$1
+        shift
+        ;;
+esac
 DOWNLOAD_DIR=${1:-$ROOT/pretrained}
 DOWNLOAD_DIR=$(mkdir -p "$DOWNLOAD_DIR" && cd "$DOWNLOAD_DIR" && pwd)  # absolute: the preset names files by path
 
@@ -33,12 +37,14 @@ size_matches() {
     fi
 }
 
-# get_tf_model NAME: download, check, unpack and import one released TF DELF model.
+# get_tf_model NAME: download, check, unpack and import one released TF DELF or DELG model.
 get_tf_model() {
     local name=$1 release
     case "$name" in
         delf_v1) release=delf_v1_20171026 ;;
         delf_gld) release=delf_gld_20190411 ;;
+        r50delg_gld | r101delg_gld) release=${name}_20200814 ;;
+        r50delg_gldv2clean | r101delg_gldv2clean) release=${name}_20200914 ;;
     esac
     local url="${DELF_RELEASE_BASE_URL:-https://storage.googleapis.com/delf}/$release.tar.gz"  # override: tests
     local archive="$DOWNLOAD_DIR/$release.tar.gz"
@@ -59,7 +65,7 @@ get_tf_model() {
     local graph
     graph=$(find "$DOWNLOAD_DIR/$release.unpacked" -name saved_model.pb | head -n 1)
     if [[ -z "$graph" ]]; then
-        echo "error: $archive holds no saved_model.pb (not a DELF release?)" >&2
+        echo "error: $archive holds no saved_model.pb (not a DELF or DELG release?)" >&2
         return 1
     fi
     (cd "$ROOT" && "$PYTHON" src/convert_tf_delf.py --model_dir "$(dirname "$graph")" \

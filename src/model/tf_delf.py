@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +28,10 @@ from mindspore import Tensor
 from model_utils.cli import InputError
 from model_utils.files import atomic_output, atomic_write_text
 from src.model.datum_io import read_datum
-from src.model.network import SLIM_BN_EPSILON, DelfModel
-from src.model.protobuf_wire import FIXED32, LENGTH_DELIMITED
-from src.model.tf_bundle import TensorBundle, decode_fields
+from src.model.network import SLIM_BN_EPSILON, DelfModel, NetworkSpec
+from src.model.tf_bundle import TensorBundle
+from src.model.tf_graph import batch_norm_epsilons, graph_nodes
+from src.model.weights import network_record
 
 LOGGER = logging.getLogger("delf.tf_import")
 
@@ -63,20 +64,27 @@ PRESET_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 PCA_FILES = {"mean": "mean", "pca_proj_mat": "pca_proj_mat"}  # .datum stem -> .npy stem
 
 
-def tf_variable_name(parameter_name: str) -> str:
-    """The TF variable a DelfModel (slim) parameter is stored under, by TF_NAME_RULES."""
+def rename(parameter_name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    """A parameter name with '.' as '/', then the (pattern, replacement) rewrites of `rules` in order."""
     name = parameter_name.replace(".", "/")
-    for pattern, replacement in TF_NAME_RULES:
+    for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name)
     return name
 
 
+def first_reason(variable_name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    """The reason of the first (pattern, reason) of `rules` that matches, or None."""
+    return next((reason for pattern, reason in rules if re.search(pattern, variable_name)), None)
+
+
+def tf_variable_name(parameter_name: str) -> str:
+    """The TF variable a DelfModel (slim) parameter is stored under, by TF_NAME_RULES."""
+    return rename(parameter_name, TF_NAME_RULES)
+
+
 def ignored_reason(variable_name: str) -> str | None:
     """Why a TF variable is skipped, or None when the network needs it."""
-    for pattern, reason in IGNORED_TF_VARIABLES:
-        if re.search(pattern, variable_name):
-            return reason
-    return None
+    return first_reason(variable_name, IGNORED_TF_VARIABLES)
 
 
 def slim_parameter_shapes() -> dict[str, tuple[int, ...]]:
@@ -85,16 +93,19 @@ def slim_parameter_shapes() -> dict[str, tuple[int, ...]]:
     return {param.name: tuple(param.shape) for param in model.get_parameters()}
 
 
+_KERNEL_SUFFIXES = ("/weights", "/kernel")  # tf-slim's and Keras's name for a conv / dense kernel
+
+
 def _as_parameter(array: np.ndarray, variable_name: str) -> np.ndarray:
-    """A TF array in MindSpore layout: conv kernels HWIO -> OIHW, float32."""
-    if variable_name.endswith("/weights") and array.ndim == 4:
-        array = array.transpose(3, 2, 0, 1)
+    """A TF array in MindSpore layout: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), float32."""
+    if variable_name.endswith(_KERNEL_SUFFIXES) and array.ndim in (2, 4):
+        array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _tf_shape_as_parameter(shape: tuple[int, ...], variable_name: str) -> tuple[int, ...]:
-    if variable_name.endswith("/weights") and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
+    if variable_name.endswith(_KERNEL_SUFFIXES) and len(shape) in (2, 4):
+        return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
     return tuple(shape)
 
 
@@ -105,37 +116,10 @@ def _name_list(names: list[str], limit: int = 12) -> str:
 
 # ---- BatchNorm epsilon from the graph --------------------------------------------------------
 
-def _float_attr(attr_value: bytes) -> float | None:
-    """AttrValue.f (field 4, a float)."""
-    for number, value in decode_fields(attr_value, {4: FIXED32}):
-        if number == 4:
-            return struct.unpack("<f", struct.pack("<I", value))[0]
-    return None
-
-
 def graph_bn_epsilons(saved_model_path: str | os.PathLike) -> set[float]:
     """The `epsilon` attributes of every FusedBatchNorm node in a saved_model.pb (empty when the
-    graph has none, e.g. non-fused BatchNorm); SavedModel.meta_graphs(2).graph_def(2).node(1).
-    MalformedError (a ValueError) when the file is not such a message."""
-    data = Path(saved_model_path).read_bytes()
-    epsilons = set()
-    # Only the fields followed are decoded, each checked to have its schema's wire type.
-    for _, meta_graph in decode_fields(data, {2: LENGTH_DELIMITED}):
-        for _, graph_def in decode_fields(meta_graph, {2: LENGTH_DELIMITED}):
-            for _, node in decode_fields(graph_def, {1: LENGTH_DELIMITED}):
-                fields = decode_fields(node, {2: LENGTH_DELIMITED, 5: LENGTH_DELIMITED})  # op, attr
-                op = next((value for n, value in fields if n == 2), b"")
-                if not op.startswith(b"FusedBatchNorm"):
-                    continue
-                for n, entry in fields:
-                    if n != 5:  # attr: map<string, AttrValue> entries (key 1, value 2)
-                        continue
-                    entry_fields = dict(decode_fields(entry, {1: LENGTH_DELIMITED, 2: LENGTH_DELIMITED}))
-                    if entry_fields.get(1) == b"epsilon":
-                        epsilon = _float_attr(entry_fields.get(2, b""))
-                        if epsilon is not None:
-                            epsilons.add(float(np.float32(epsilon)))
-    return epsilons
+    graph has none, e.g. non-fused BatchNorm)."""
+    return set(batch_norm_epsilons(graph_nodes(saved_model_path)).values())
 
 
 def release_bn_epsilon(model_dir: Path) -> tuple[float, str]:
@@ -172,21 +156,22 @@ def _model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_tf_delf(model_dir: str | os.PathLike) -> ImportedWeights:
-    """The DelfModel (slim) parameters of a TF DELF SavedModel / checkpoint; refuses any mismatch."""
-    model_dir = _model_dir(model_dir)
-    bundle = TensorBundle(model_dir)
-    expected = slim_parameter_shapes()
-    wanted = {tf_variable_name(name): name for name in expected}
-    ignored = {name: reason for name in bundle.entries
-               if name not in wanted and (reason := ignored_reason(name)) is not None}
+def read_variables(bundle: TensorBundle, expected: dict[str, tuple[int, ...]], tf_name: Callable[[str], str],
+                   ignored: Callable[[str], str | None], network: str, table: str
+                   ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """(tensors, matched, ignored) of the parameters `expected` (name -> shape) in a checkpoint whose
+    variables `tf_name` names; refuses in one report every name unmatched on either side and every
+    shape mismatch. `network` and `table` name the network and the name table in that report."""
+    wanted = {tf_name(name): name for name in expected}
+    skipped = {name: reason for name in bundle.entries
+               if name not in wanted and (reason := ignored(name)) is not None}
     missing = sorted(name for name in wanted if name not in bundle.entries)
-    unexpected = sorted(name for name in bundle.entries if name not in wanted and name not in ignored)
+    unexpected = sorted(name for name in bundle.entries if name not in wanted and name not in skipped)
     mismatched = []
-    for tf_name, parameter in wanted.items():
-        entry = bundle.entries.get(tf_name)
-        if entry is not None and _tf_shape_as_parameter(entry.shape, tf_name) != expected[parameter]:
-            mismatched.append(f"{tf_name} {list(entry.shape)} (wanted for {parameter} {list(expected[parameter])})")
+    for variable, parameter in wanted.items():
+        entry = bundle.entries.get(variable)
+        if entry is not None and _tf_shape_as_parameter(entry.shape, variable) != expected[parameter]:
+            mismatched.append(f"{variable} {list(entry.shape)} (wanted for {parameter} {list(expected[parameter])})")
     if missing or unexpected or mismatched:
         problems = []
         if missing:
@@ -196,28 +181,35 @@ def read_tf_delf(model_dir: str | os.PathLike) -> ImportedWeights:
                             f"{_name_list(unexpected)}")
         if mismatched:
             problems.append(f"{len(mismatched)} shape mismatch(es): {_name_list(mismatched, 6)}")
-        raise InputError(f"{bundle.index_path}: not the DELF v1 network as expected: " + "; ".join(problems)
-                         + ". `--list` prints every variable; the name mapping is TF_NAME_RULES in "
-                         "src/model/tf_delf.py")
+        raise InputError(f"{bundle.index_path}: not the {network} network as expected: " + "; ".join(problems)
+                         + f". `--list` prints every variable; the name mapping is {table}")
     tensors = {}
-    for tf_name, parameter in wanted.items():
-        array = bundle.read(tf_name)
+    for variable, parameter in wanted.items():
+        array = bundle.read(variable)
         if not np.issubdtype(array.dtype, np.floating):
-            raise InputError(f"{bundle.index_path}: {tf_name} holds {array.dtype} values, expected floats")
-        tensors[parameter] = _as_parameter(array, tf_name)
+            raise InputError(f"{bundle.index_path}: {variable} holds {array.dtype} values, expected floats")
+        tensors[parameter] = _as_parameter(array, variable)
+    return tensors, {p: t for t, p in wanted.items()}, skipped
+
+
+def read_tf_delf(model_dir: str | os.PathLike) -> ImportedWeights:
+    """The DelfModel (slim) parameters of a TF DELF SavedModel / checkpoint; refuses any mismatch."""
+    model_dir = _model_dir(model_dir)
+    tensors, matched, ignored = read_variables(TensorBundle(model_dir), slim_parameter_shapes(), tf_variable_name,
+                                               ignored_reason, "DELF v1", "TF_NAME_RULES in src/model/tf_delf.py")
     bn_epsilon, source = release_bn_epsilon(model_dir)
-    return ImportedWeights(tensors, {p: t for t, p in wanted.items()}, ignored, bn_epsilon, source)
+    return ImportedWeights(tensors, matched, ignored, bn_epsilon, source)
 
 
-def list_variables(model_dir: str | os.PathLike) -> list[str]:
-    """One line per variable of the checkpoint: name, dtype, shape, and what the import does with it."""
-    bundle = TensorBundle(_model_dir(model_dir))
-    wanted = {tf_variable_name(name): name for name in slim_parameter_shapes()}
+def variable_listing(bundle: TensorBundle, wanted: dict[str, str], ignored: Callable[[str], str | None]
+                     ) -> list[str]:
+    """One line per variable of a checkpoint (name, dtype, shape, and the parameter it goes to in
+    `wanted`, TF name -> parameter, or why it is ignored), then the wanted names the file lacks."""
     lines = []
     for name, entry in sorted(bundle.entries.items()):
         if name in wanted:
             use = f"-> {wanted[name]}"
-        elif (reason := ignored_reason(name)) is not None:
+        elif (reason := ignored(name)) is not None:
             use = f"(ignored: {reason})"
         else:
             use = "(UNMATCHED)"
@@ -227,15 +219,26 @@ def list_variables(model_dir: str | os.PathLike) -> list[str]:
     return lines
 
 
-def save_slim_checkpoint(weights: ImportedWeights, ckpt_path: str | os.PathLike) -> Path:
-    """Write the weights as a MindSpore checkpoint that records backbone 'slim' and the epsilon."""
+def list_variables(model_dir: str | os.PathLike) -> list[str]:
+    """One line per variable of the checkpoint: name, dtype, shape, and what the import does with it."""
+    wanted = {tf_variable_name(name): name for name in slim_parameter_shapes()}
+    return variable_listing(TensorBundle(_model_dir(model_dir)), wanted, ignored_reason)
+
+
+def save_imported_checkpoint(tensors: dict[str, np.ndarray], ckpt_path: str | os.PathLike, record: dict) -> Path:
+    """Write imported weights as a MindSpore checkpoint with its network record (weights.network_record)."""
     ckpt_path = Path(ckpt_path)
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    entries = [{"name": name, "data": Tensor(array)} for name, array in weights.tensors.items()]
+    entries = [{"name": name, "data": Tensor(array)} for name, array in tensors.items()]
     with atomic_output(ckpt_path, suffix=".ckpt") as temporary:
-        mindspore.save_checkpoint(entries, str(temporary), append_dict={
-            "bn_epsilon": float(weights.bn_epsilon), "backbone": "slim", "weights_scheme": "tf_delf"})
+        mindspore.save_checkpoint(entries, str(temporary), append_dict=record)
     return ckpt_path
+
+
+def save_slim_checkpoint(weights: ImportedWeights, ckpt_path: str | os.PathLike) -> Path:
+    """Write the weights as a MindSpore checkpoint that records DELF, backbone 'slim' and the epsilon."""
+    record = network_record(NetworkSpec("delf", "slim", 50), weights.bn_epsilon)
+    return save_imported_checkpoint(weights.tensors, ckpt_path, {**record, "weights_scheme": "tf_delf"})
 
 
 # ---- PCA and the config preset --------------------------------------------------------------

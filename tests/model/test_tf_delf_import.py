@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 from PIL import Image
+from release_server import run_download_script
 from tf_files import write_table
 
 from model_utils.cli import InputError
@@ -265,31 +266,10 @@ def test_exported_slim_model_runs_the_310_path_like_direct_extraction(release, i
 
 def test_download_script_fetches_checks_unpacks_and_imports(release, tmp_path):
     """scripts/download_pretrained.sh delf_v1, against a local HTTP server holding the release tarball."""
-    import functools
-    import http.server
-    import tarfile
-    import threading
-
-    served = tmp_path / "served"
-    served.mkdir()
-    with tarfile.open(served / "delf_v1_20171026.tar.gz", "w:gz") as archive:
-        archive.add(release / "delf_v1", arcname="delf_v1_20171026")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    root = Path(__file__).resolve().parents[2]
-    try:
-        env = {**os.environ, "DELF_RELEASE_BASE_URL": f"http://127.0.0.1:{server.server_port}"}
-        command = ["bash", "scripts/download_pretrained.sh", "delf_v1", str(tmp_path / "pretrained")]
-        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
-        assert "imported 222 tensors" in result.stdout
-        again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert again.returncode == 0 and "[skip]" in again.stdout
-    finally:
-        server.shutdown()
-        thread.join()
+    result, again = run_download_script(tmp_path, release / "delf_v1", "delf_v1_20171026", "delf_v1")
+    assert result.returncode == 0, result.stderr
+    assert "imported 222 tensors" in result.stdout
+    assert again.returncode == 0 and "[skip]" in again.stdout
     config = get_config(["--config_path", str(tmp_path / "pretrained" / "delf_v1.yaml")])
     assert Path(config.extraction.pca_mean_path).is_file()
     assert load_weights(tmp_path / "pretrained" / "delf_v1.ckpt").backbone == "slim"
