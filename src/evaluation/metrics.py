@@ -46,6 +46,15 @@ def _junk_free_positions(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) 
     return positive_positions - np.searchsorted(junk_positions, positive_positions)
 
 
+def precision_recall(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at each retrieved positive of one query's ranking, junk removed: the
+    points whose trapezoids compute_ap sums (empty when there are no positives)."""
+    ok = np.asarray(ok).ravel()
+    positions = _junk_free_positions(np.asarray(ranking), ok, np.asarray(junk).ravel())
+    found = np.arange(1, positions.size + 1, dtype=np.float64)
+    return found / max(ok.size, 1), found / (positions + 1)
+
+
 def _check_kappas(kappas: Iterable[int]) -> np.ndarray:
     kappas = np.asarray(list(kappas), dtype=np.int64)
     if kappas.size and kappas.min() < 1:
