@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from model_utils.config import MatchingConfig
-from src.extraction.images import crop_to_box, load_image, resize_image
 from src.extraction.features import LocalFeatures
+from src.extraction.images import crop_to_box, load_image, resize_image
 from src.matching.draw import draw_matches
 from src.matching.verify import MatchResult, match_features
 
