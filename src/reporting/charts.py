@@ -22,10 +22,12 @@ def _png(figure: Figure) -> bytes:
 def ap_bar_chart(query_names: Sequence[str], aps: Mapping[str, np.ndarray]) -> bytes:
     """Grouped bars: one group per query (in the given order), one bar per protocol; AP in percent."""
     count = len(query_names)
-    width, height = min(max(6.0, 0.3 * count + 1.5), 60.0), 5.0
+    rotated = count > 8
+    below = 1.5 if rotated else 0.4  # inches for the query names
+    width, height = min(max(6.0, 0.3 * count + 1.5), 60.0), 3.2 + below
     figure = Figure(figsize=(width, height))
-    # Fixed margins in inches: a layout engine would double the drawing time. 1.5 in below: rotated names.
-    figure.subplots_adjust(left=0.7 / width, right=1 - 0.2 / width, top=1 - 0.4 / height, bottom=1.5 / height)
+    # Fixed margins in inches: a layout engine would double the drawing time.
+    figure.subplots_adjust(left=0.7 / width, right=1 - 0.2 / width, top=1 - 0.4 / height, bottom=below / height)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / max(len(aps), 1)
@@ -34,7 +36,7 @@ def ap_bar_chart(query_names: Sequence[str], aps: Mapping[str, np.ndarray]) -> b
         axes.bar(positions + (index - (len(aps) - 1) / 2) * width, 100 * np.nan_to_num(np.asarray(values)), width,
                  label=protocol, color=PROTOCOL_COLOURS.get(protocol))
     axes.set_xticks(positions, [name if len(name) <= 24 else name[:23] + "…" for name in query_names],
-                    rotation=90 if count > 8 else 0, fontsize=7 if count > 30 else 8)
+                    rotation=90 if rotated else 0, fontsize=7 if count > 30 else 8)
     axes.set_xlim(-0.6, count - 0.4)
     axes.set_ylim(0, 100)
     axes.set_ylabel("AP (%)")

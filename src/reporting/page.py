@@ -33,6 +33,7 @@ dl.settings dt { font-weight: 600; } dl.settings dd { margin: 0; }
 .notes { background: #fff8e1; border-left: 4px solid #ffb300; padding: 0.4em 0.8em; }
 .query { border-top: 2px solid #ddd; padding-top: 0.3em; }
 .query-row { display: flex; gap: 1.2em; align-items: flex-start; flex-wrap: wrap; }
+.query-row > div { flex: 1 1 420px; }
 .strip { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; }
 figure { margin: 0; width: 140px; font-size: 0.78em; }
 figure img, figure .missing { width: 132px; height: 100px; object-fit: contain; background: #f3f3f3;
@@ -179,7 +180,7 @@ def render(view: ReportView) -> str:
                      f'{base64.b64encode(png).decode()}">' for alt, png in view.charts)
     notes = "".join(f"<li>{_text(note)}</li>" for note in view.notes)
     contents = "".join(f'<li><a href="#q{index}">{_text(query.name)}</a> '
-                       f'<span class="ap">{percent(next(iter(query.aps.values()), math.nan))}</span></li>'
+                       f'<span class="ap">{percent(query.aps.get(query.rows[0].protocol, math.nan))}</span></li>'
                        for index, query in enumerate(view.queries, 1))
     all_settings = _text(json.dumps(view.all_settings, indent=2))
     return (

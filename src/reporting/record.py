@@ -83,7 +83,7 @@ class VerifiedPairs:
 
     def __call__(self, column: int, results: Mapping[int, tuple[int, int]], rankings: Mapping[str, np.ndarray]) -> None:
         shown = set().union(*(np.asarray(ranking[:self.depth]).tolist() for ranking in rankings.values()))
-        self.rows.extend((column, image, *results[image]) for image in sorted(shown & results.keys()))
+        self.rows.extend((column, image, *results[image]) for image in sorted(shown) if image in results)
 
 
 @dataclass

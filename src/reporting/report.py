@@ -30,7 +30,7 @@ from model_utils.cli import InputError
 from model_utils.config import MatchingConfig, ReportConfig
 from model_utils.files import ImageFolder, atomic_write_text
 from src.evaluation.ground_truth import PROTOCOLS, GroundTruth, protocol_ground_truth
-from src.evaluation.metrics import PAPER_KAPPAS, precision_recall
+from src.evaluation.metrics import PAPER_KAPPAS, positions_in, precision_recall
 from src.extraction.store_set import open_store
 from src.reporting.charts import ap_bar_chart, precision_recall_chart
 from src.reporting.match_pictures import MatchPictures
@@ -106,17 +106,25 @@ def _settings_lines(run: Run) -> list[tuple[str, str]]:
     return lines
 
 
-def _match_pictures(run: Run, folder: Path, notes: list[str]) -> MatchPictures | None:
+def _match_pictures(run: Run, folder: Path, notes: list[str]) -> tuple[MatchPictures, tuple] | None:
+    """The picture cache and the run's (query, database) feature stores; None (and a note) without them."""
     record, settings = run.record, run.record.settings
     if settings is None or "matching" not in settings:
         notes.append("match pictures: the run's matching settings were not recorded, so none are drawn")
         return None
-    missing = [path for path in (record.query_features, record.index_features) if not path or not Path(path).exists()]
-    if missing or record.images_path is None:
-        notes.append(f"match pictures need the run's feature stores and images: {missing[0] if missing else 'no image'}"
-                     " not found, so none are drawn")
+    if not (record.images_path and record.query_features and record.index_features):
+        notes.append("match pictures need the run's images and feature stores, which it did not record")
         return None
-    return MatchPictures(folder, MatchingConfig(**settings["matching"]), int(settings.get("seed", 0)))
+    stores = []
+    try:
+        for path in (record.query_features, record.index_features):
+            stores.append(open_store(path))
+    except (InputError, FileNotFoundError) as error:
+        for store in stores:
+            store.close()
+        notes.append(f"match pictures need the run's feature stores: {error}")
+        return None
+    return MatchPictures(folder, MatchingConfig(**settings["matching"]), int(settings.get("seed", 0))), tuple(stores)
 
 
 def _prune(folder: Path, suffix: str, used: set[str]) -> None:
@@ -125,67 +133,114 @@ def _prune(folder: Path, suffix: str, used: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+class _Queries:
+    """The per-query part of the page: rankings, labels, marks, thumbnails, pictures, PR points."""
+
+    def __init__(self, run: Run, settings: ReportConfig, images: _Images, pictures: MatchPictures | None,
+                 stores: tuple, notes: list[str]) -> None:
+        self.run, self.settings, self.images, self.notes = run, settings, images, notes
+        self.pictures, self.stores = pictures, stores
+        self.gnd = {protocol: protocol_ground_truth(run.ground_truth["gnd"], protocol) for protocol in PROTOCOLS}
+        self.curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {protocol: [] for protocol in PROTOCOLS}
+
+    def view(self, query: int) -> QueryView:
+        run, shown = self.run, self.settings.results_per_query
+        entries = {protocol: self.gnd[protocol][query] for protocol in PROTOCOLS}
+        sets = {protocol: (set(entry["ok"].tolist()), set(entry["junk"].tolist()))
+                for protocol, entry in entries.items()}
+        for protocol, entry in entries.items():
+            if entry["ok"].size:
+                ranking = run.ranks[protocol][:, query]
+                self.curves[protocol].append(precision_recall(ranking, entry["ok"], entry["junk"]))
+        main = run.ranks[MAIN_PROTOCOL][:, query]
+        rows = [self._row(query, MAIN_PROTOCOL, sets)]
+        for protocol in PROTOCOLS:
+            # Another protocol's ranking is shown only where it differs: the badges give its labels.
+            if protocol != MAIN_PROTOCOL and not np.array_equal(run.ranks[protocol][:shown, query], main[:shown]):
+                rows.append(self._row(query, protocol, sets))
+        if self.pictures is not None:
+            self._attach_pictures(query, rows[0])
+        name = run.ground_truth["qimlist"][query]
+        return QueryView(name, self.images.thumbnail(name, run.ground_truth["gnd"][query]["bbx"]),
+                         {protocol: float(run.results["protocols"][protocol]["aps"][query]) for protocol in PROTOCOLS},
+                         rows)
+
+    def _row(self, query: int, protocol: str, sets: Mapping[str, tuple[set, set]]) -> RankingRow:
+        ranking, shown = self.run.ranks[protocol][:, query], self.settings.results_per_query
+        ok, junk = sets[protocol]
+
+        def result(rank: int, mark: str = "") -> ShownResult:
+            image = int(ranking[rank])
+            name = self.run.ground_truth["imlist"][image]
+            return ShownResult(rank + 1, name, self.images.thumbnail(name),
+                               {p: _label(image, *sets[p]) for p in PROTOCOLS}, _label(image, ok, junk),
+                               self.run.inliers.get((query, image)), mark=mark)
+
+        results = [result(rank) for rank in range(min(shown, len(ranking)))]
+        first_negative = next((item for item in results if item.frame == "negative"), None)
+        if first_negative is not None:
+            first_negative.mark = "first false positive"
+        [positives] = positions_in(ranking, np.fromiter(ok, dtype=np.int64, count=len(ok)))
+        below = positives[positives >= shown]
+        missed = result(int(below[0]), "first missed positive") if below.size else None
+        return RankingRow(protocol, results, missed, len(ok))
+
+    def _attach_pictures(self, query: int, row: RankingRow) -> None:
+        """Match pictures for the first `match_pictures` re-ranked results of the row."""
+        ground_truth, (query_store, index_store) = self.run.ground_truth, self.stores
+        query_name = ground_truth["qimlist"][query]
+        query_path = self.images.path(query_name)
+        for item in [item for item in row.results if item.inliers is not None][:self.settings.match_pictures]:
+            database_path = self.images.path(item.name)
+            if query_path is None or database_path is None:
+                continue
+            name, inliers = self.pictures.get(
+                query_path, ground_truth["gnd"][query]["bbx"], query_store.get(query_name), database_path,
+                index_store.get(item.name), f"{query_name} - {item.name}")
+            item.picture = f"{FILES_DIR}/matches/{name}"
+            if inliers is not None and inliers != item.inliers:
+                self.notes.append(f"the match picture of {query_name} and {item.name} has {inliers} inliers, the run "
+                                  f"counted {item.inliers}: the feature stores or matching code changed since the run")
+
+
 def write_report(run: Run, output_dir: str | os.PathLike, settings: ReportConfig = ReportConfig()) -> Path:
     """Write report.html (and its pictures) for a run into output_dir; returns the page's path."""
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    ground_truth, record, shown = run.ground_truth, run.record, settings.results_per_query
-    imlist, qimlist = ground_truth["imlist"], ground_truth["qimlist"]
+    record, qimlist = run.record, run.ground_truth["qimlist"]
     notes: list[str] = []
     if record.images_path is None:
         notes.append("the run recorded no image folder (give --images_path), so no image is shown")
+    if record.inliers is not None and settings.results_per_query > record.inlier_depth:
+        notes.append(f"inlier counts were recorded for the first {record.inlier_depth} results of each ranking only")
     thumbnails = ThumbnailCache(output_dir / FILES_DIR / "thumbs")
     images = _Images(record.images_path, thumbnails)
-    pictures = _match_pictures(run, output_dir / FILES_DIR / "matches", notes) if settings.match_pictures else None
-    if record.inliers is not None and shown > record.inlier_depth:
-        notes.append(f"inlier counts were recorded for the first {record.inlier_depth} results of each ranking only")
-
-    protocol_gnd = {protocol: protocol_ground_truth(ground_truth["gnd"], protocol) for protocol in PROTOCOLS}
-    aps = {protocol: np.asarray(run.results["protocols"][protocol]["aps"]) for protocol in PROTOCOLS}
-    main_aps = aps[MAIN_PROTOCOL]
+    pictures, stores = (_match_pictures(run, output_dir / FILES_DIR / "matches", notes)
+                        if settings.match_pictures else None) or (None, ())
+    main_aps = run.results["protocols"][MAIN_PROTOCOL]["aps"]
     order = sorted(range(len(qimlist)), key=lambda q: (np.isnan(main_aps[q]), main_aps[q], qimlist[q]))
-    curves: dict[str, list] = {protocol: [] for protocol in PROTOCOLS}
-    queries = []
-    stores = (open_store(record.query_features), open_store(record.index_features)) if pictures else None
+    builder = _Queries(run, settings, images, pictures, stores, notes)
     try:
-        for query in order:
-            sets = {protocol: (set(protocol_gnd[protocol][query]["ok"].tolist()),
-                               set(protocol_gnd[protocol][query]["junk"].tolist())) for protocol in PROTOCOLS}
-            for protocol in PROTOCOLS:
-                entry = protocol_gnd[protocol][query]
-                if entry["ok"].size:
-                    curves[protocol].append(precision_recall(run.ranks[protocol][:, query], entry["ok"], entry["junk"]))
-            rows = []
-            for protocol in [MAIN_PROTOCOL] + [p for p in PROTOCOLS if p != MAIN_PROTOCOL]:
-                ranking = run.ranks[protocol][:, query]
-                if rows and np.array_equal(ranking[:shown], run.ranks[MAIN_PROTOCOL][:shown, query]):
-                    continue  # the same shown results as the main ranking: its badges tell this protocol's labels
-                rows.append(_ranking_row(run, query, protocol, ranking, sets, shown, images))
-            if pictures is not None:
-                _attach_pictures(run, query, rows[0], settings.match_pictures, pictures, stores, images, notes)
-            box = ground_truth["gnd"][query]["bbx"]
-            queries.append(QueryView(qimlist[query], images.thumbnail(qimlist[query], box),
-                                     {protocol: float(aps[protocol][query]) for protocol in PROTOCOLS}, rows))
+        queries = [builder.view(query) for query in order]
     finally:
-        for store in stores or ():
+        for store in stores:
             store.close()
     if images.failed:
         notes.append(f"{len(images.failed)} image(s) could not be shown, e.g. {next(iter(images.failed.values()))}")
 
-    metrics = {}
-    kappas = run.results["kappas"]
+    kappas, metrics = run.results["kappas"], {}
     for protocol in PROTOCOLS:
         values = run.results["protocols"][protocol]
         metrics[protocol] = {"mAP": values["mAP"], **{f"mP@{k}": float(values["mP@k"][kappas.index(k)])
                                                        for k in PAPER_KAPPAS}}
-    names = [qimlist[query] for query in order]
-    charts = [("AP per query", ap_bar_chart(names, {protocol: aps[protocol][order] for protocol in PROTOCOLS})),
-              ("precision-recall per protocol", precision_recall_chart(curves))]
+    aps_in_order = {protocol: np.asarray(run.results["protocols"][protocol]["aps"])[order] for protocol in PROTOCOLS}
+    charts = [("AP per query", ap_bar_chart([qimlist[query] for query in order], aps_in_order)),
+              ("precision-recall per protocol", precision_recall_chart(builder.curves))]
     built = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     view = ReportView(
         title=f"Retrieval report: {record.dataset}",
-        meta=[f"{len(qimlist)} queries, {len(imlist)} database images; {record.command} finished {record.written}",
-              f"output folder {output_dir.resolve()}; page built {built}"],
+        meta=[f"{len(qimlist)} queries, {len(run.ground_truth['imlist'])} database images; {record.command} finished "
+              f"{record.written}", f"output folder {output_dir.resolve()}; page built {built}"],
         metrics=metrics,
         evaluated={protocol: run.results["protocols"][protocol]["num_evaluated"] for protocol in PROTOCOLS},
         settings=_settings_lines(run), all_settings=record.settings,
@@ -197,45 +252,6 @@ def write_report(run: Run, output_dir: str | os.PathLike, settings: ReportConfig
         _prune(pictures.folder, ".png", pictures.used)
     LOGGER.info("wrote %s in %.1f s", page, time.perf_counter() - started)
     return page
-
-
-def _ranking_row(run: Run, query: int, protocol: str, ranking: np.ndarray, sets: Mapping[str, tuple[set, set]],
-                 shown: int, images: _Images) -> RankingRow:
-    ok, junk = sets[protocol]
-
-    def result(rank: int, image: int, mark: str = "") -> ShownResult:
-        name = run.ground_truth["imlist"][image]
-        return ShownResult(rank + 1, name, images.thumbnail(name),
-                           {p: _label(image, *sets[p]) for p in PROTOCOLS}, _label(image, ok, junk),
-                           run.inliers.get((query, image)), mark=mark)
-
-    results = [result(rank, int(image)) for rank, image in enumerate(ranking[:shown])]
-    first_negative = next((item for item in results if item.frame == "negative"), None)
-    if first_negative is not None:
-        first_negative.mark = "first false positive"
-    missed = None
-    below = np.flatnonzero(np.isin(ranking[shown:], np.fromiter(ok, dtype=np.int64, count=len(ok))))
-    if below.size:
-        rank = shown + int(below[0])
-        missed = result(rank, int(ranking[rank]), "first missed positive")
-    return RankingRow(protocol, results, missed, len(ok))
-
-
-def _attach_pictures(run: Run, query: int, row: RankingRow, count: int, pictures: MatchPictures, stores,
-                     images: _Images, notes: list[str]) -> None:
-    """Match pictures for the first `count` re-ranked results of the row."""
-    query_name = run.ground_truth["qimlist"][query]
-    query_path = images.path(query_name)
-    for item in [item for item in row.results if item.inliers is not None][:count]:
-        database_path = images.path(item.name)
-        if query_path is None or database_path is None:
-            continue
-        name, inliers = pictures.get(query_path, run.ground_truth["gnd"][query]["bbx"], stores[0].get(query_name),
-                                     database_path, stores[1].get(item.name), f"{query_name} - {item.name}")
-        item.picture = f"{FILES_DIR}/matches/{name}"
-        if inliers is not None and inliers != item.inliers:
-            notes.append(f"the match picture of {query_name} and {item.name} has {inliers} inliers, the run counted "
-                         f"{item.inliers}: the feature stores or matching code changed since the run")
 
 
 def record_and_report(output_dir: str | os.PathLike, *, command: str, ground_truth: GroundTruth,

@@ -19,7 +19,15 @@ from src.evaluation.ground_truth import (
     read_classic_ground_truth,
     read_revisited_ground_truth,
 )
-from src.evaluation.metrics import compute_ap, compute_map, evaluate, format_metrics, precision_recall, write_metrics
+from src.evaluation.metrics import (
+    compute_ap,
+    compute_map,
+    evaluate,
+    format_metrics,
+    positions_in,
+    precision_recall,
+    write_metrics,
+)
 
 
 def column(*indices: int) -> np.ndarray:
@@ -82,6 +90,16 @@ def test_precision_recall_points_by_hand():
     trapezoids = (recall[0] * (0 + precision[0]) + (recall[1] - recall[0]) * (precision[0] + precision[1])) / 2
     assert trapezoids == pytest.approx(compute_ap([1, 2], 3))
     assert [array.size for array in precision_recall(np.array([1, 2]), np.array([], dtype=np.int64), [])] == [0, 0]
+
+
+def test_positions_in_equals_isin_on_truncated_rankings():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        size = int(rng.integers(1, 60))
+        ranking = rng.permutation(size)[:int(rng.integers(0, size + 1))]  # truncated: some images missing
+        wanted = [rng.choice(size + 5, int(rng.integers(0, 8)), replace=False) for _ in range(2)]  # some beyond it
+        for found, images in zip(positions_in(ranking, *wanted), wanted, strict=True):
+            np.testing.assert_array_equal(found, np.flatnonzero(np.isin(ranking, images)))
 
 
 def test_query_without_positives_is_excluded():

@@ -296,3 +296,9 @@ def test_the_run_folder_can_be_moved(run, tmp_path):
     shutil.move(run.output, moved)
     page = rebuild_report(moved, ReportConfig(SHOWN))
     assert parse(page.read_text()).metrics["medium mAP"]
+
+
+def test_match_pictures_without_the_runs_stores_are_explained(run):
+    text = rebuild_report(run.output, ReportConfig(SHOWN, match_pictures=1)).read_text()
+    assert "match pictures need the run&#x27;s images and feature stores" in text
+    assert "report_files/matches" not in text
