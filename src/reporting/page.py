@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-LABEL_TEXT = {"positive": "positive", "negative": "negative", "junk": "junk"}
 PROTOCOL_LETTER = {"easy": "E", "medium": "M", "hard": "H"}
 
 STYLE = """

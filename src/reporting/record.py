@@ -13,13 +13,13 @@
     ranks                  {protocol: {"path", "sha256"}}: the ranks_<protocol>.npy files
     inliers                {"path", "sha256", "depth"} of inliers.npz, or null (no re-ranking recorded)
     settings               what made the ranks: retrieval, matching, seed, model, extraction (null: unknown)
-    timing                 {stage: seconds}: extraction, retrieval, evaluation, total (the stages that ran)
+    timing                 {stage: seconds}: extraction, retrieval, total, re-scoring (the stages that ran)
 
 Paths of files inside the run's folder are relative to it, so the folder can be moved.
 
 `inliers.npz` (np.savez, read with allow_pickle=False): four int64 arrays of one length, `query`,
 `image` (database index), `inliers`, `putative`: every verified (query, image) pair ranked among the
-first `depth` places of some protocol's ranking, and `depth` (a 0-d array).
+first `depth` places (run.json's) of some protocol's ranking.
 
 Every file is checked when read back: the checksums must match (a rank file changed since the run
 is refused, never reported on), and every field must have its type; problems are one line naming
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from model_utils.cli import InputError
-from model_utils.config import DelfConfig
+from model_utils.config import ConfigError, DelfConfig, MatchingConfig
 from model_utils.files import atomic_output, atomic_write_text, list_images
 from src.evaluation.ground_truth import PROTOCOLS, GroundTruth, load_ground_truth
 from src.evaluation.metrics import evaluate
@@ -137,7 +137,7 @@ def _absolute(text: str | None, folder: Path) -> str | None:
 def write_inliers(path: Path, pairs: VerifiedPairs) -> FileRef:
     rows = np.array(pairs.rows, dtype=np.int64).reshape(-1, len(INLIER_FIELDS))
     with atomic_output(path) as temporary, open(temporary, "wb") as stream:
-        np.savez(stream, depth=np.int64(pairs.depth), **dict(zip(INLIER_FIELDS, rows.T, strict=True)))
+        np.savez(stream, **dict(zip(INLIER_FIELDS, rows.T, strict=True)))
     return FileRef(path, file_sha256(path))
 
 
@@ -230,6 +230,17 @@ def read_run_record(path: str | os.PathLike) -> RunRecord:
     timing = _field(document, "timing", dict, path)
     if not all(isinstance(value, int | float) for value in timing.values()):
         raise InputError(f"{path}: 'timing' must map stages to seconds")
+    settings = _field(document, "settings", (dict, type(None)), path)
+    if settings is not None:  # what the report reads of them
+        _field(settings, "retrieval", dict, path)
+        _field(settings, "seed", int, path)
+        extraction = _field(settings, "extraction", (dict, type(None)), path)
+        if extraction is not None:
+            _field(extraction, "image_scales", list, path)
+        try:  # match pictures verify again with the run's matching settings
+            MatchingConfig(**_field(settings, "matching", dict, path))
+        except (TypeError, ConfigError) as error:
+            raise InputError(f"{path}: 'settings.matching' are not matching settings ({error})") from None
     optional_text = (str, type(None))
     return RunRecord(
         command=_field(document, "command", str, path), written=_field(document, "written", str, path),
@@ -240,7 +251,7 @@ def read_run_record(path: str | os.PathLike) -> RunRecord:
         index_features=_absolute(_field(document, "index_features", optional_text, path), folder),
         ranks={protocol: _file_ref(entry, f"ranks '{protocol}'", folder, path) for protocol, entry in ranks.items()},
         inliers=None if inliers is None else _file_ref(inliers, "'inliers'", folder, path), inlier_depth=depth,
-        settings=_field(document, "settings", (dict, type(None)), path), timing=timing)
+        settings=settings, timing=timing)
 
 
 def inherited_record(ranks_paths: Mapping[str, Path], ground_truth: GroundTruth) -> RunRecord | None:

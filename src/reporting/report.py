@@ -109,7 +109,7 @@ def _settings_lines(run: Run) -> list[tuple[str, str]]:
 def _match_pictures(run: Run, folder: Path, notes: list[str]) -> tuple[MatchPictures, tuple] | None:
     """The picture cache and the run's (query, database) feature stores; None (and a note) without them."""
     record, settings = run.record, run.record.settings
-    if settings is None or "matching" not in settings:
+    if settings is None:
         notes.append("match pictures: the run's matching settings were not recorded, so none are drawn")
         return None
     if not (record.images_path and record.query_features and record.index_features):

@@ -40,10 +40,6 @@ class TrainingCurve:
     label: str
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> step -> value
 
-    @property
-    def steps(self) -> list[int]:
-        return sorted(self.values.get("loss", {}))
-
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one name, in step order."""
         by_step = self.values.get(name, {})

@@ -249,6 +249,11 @@ def _damage(run, case: str) -> str:
         del document["ground_truth_sha256"]
         record.write_text(json.dumps(document))
         return "field 'ground_truth_sha256' is missing"
+    if case == "bad settings":
+        document = json.loads(record.read_text())
+        document["settings"]["matching"]["max_trials"] = "many"
+        record.write_text(json.dumps(document))
+        return "'settings.matching' are not matching settings"
     if case == "ranks changed":
         save_ranks({"medium": run.ranks["medium"][::-1].copy()}, run.output)
         return "ranks_medium.npy changed since the run"
@@ -268,8 +273,8 @@ def _damage(run, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["no record", "not json", "wrong type", "missing field", "ranks changed",
-                                  "ranks missing", "inliers changed", "ground truth changed"])
+@pytest.mark.parametrize("case", ["no record", "not json", "wrong type", "missing field", "bad settings",
+                                  "ranks changed", "ranks missing", "inliers changed", "ground truth changed"])
 def test_damaged_or_mismatched_files_are_one_line_errors(run, capsys, case):
     expected = _damage(run, case)
     with pytest.raises(SystemExit) as stop:
