@@ -20,6 +20,10 @@ with RANK_SIZE > 1, every rank reads its own part of the shards with batch_size 
 gradients are averaged, and only rank 0 writes checkpoints and summaries. BatchNorm statistics are
 per rank (no synchronised BatchNorm, as the reference); rank 0's are saved.
 
+Curves: at every checkpoint, `<save_ckpt>/training_curves.png` plots the log's loss, the classifier's
+batch accuracy and the learning rate against the step (`python -m src.plot_training LOG...` plots
+one or several logs).
+
 Mixed precision (amp_level O1-O3, Ascend/GPU only) casts the network with MindSpore's amp lists;
 the loss stays float32 and there is no loss scaling (the reference trained with O3 the same way).
 """
@@ -57,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(config, target)
     rank_id, rank_size = init_data_parallel()
     suffix = f"_rank{rank_id}" if rank_id else ""
-    setup_logging(args.log_path or Path(config.save_ckpt) / f"train_{config.train_state}{suffix}.log",
-                  terminal_level=logging.INFO)
-    result = run_training(config, target, rank_id, rank_size)
+    log_path = args.log_path or Path(config.save_ckpt) / f"train_{config.train_state}{suffix}.log"
+    setup_logging(log_path, terminal_level=logging.INFO)
+    result = run_training(config, target, rank_id, rank_size, log_path)
     losses = np.array(list(result.losses.values()))
     if losses.size:
         logging.getLogger("delf.train").info("loss: first %.7f, last %.7f over %d steps",

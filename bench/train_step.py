@@ -46,7 +46,7 @@ def child(mode: str, stage: str, batch_size: int, image_size: int, num_classes: 
     seconds = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        float(train_step(images, labels).asnumpy())  # asnumpy waits for the step to finish
+        float(train_step(images, labels)[0].asnumpy())  # the loss; asnumpy waits for the step to finish
         seconds.append(time.perf_counter() - start)
     print(RESULT_TAG + json.dumps({"first_s": seconds[0], "step_ms": 1000 * statistics.median(seconds[1:])}),
           flush=True)

@@ -178,7 +178,27 @@ class RetrievalConfig:
             raise ConfigError("invalid retrieval settings: " + "; ".join(problems))
 
 
-SECTIONS = {"extraction": ExtractionConfig, "matching": MatchingConfig, "retrieval": RetrievalConfig}
+@dataclass(frozen=True)
+class ReportConfig:
+    """The retrieval report (report.html beside mAP.txt): what each query shows."""
+
+    results_per_query: int = field(default=10, **_option("results shown per query, as thumbnails"))
+    match_pictures: int = field(default=0, **_option("match pictures drawn per query: the first N re-ranked results "
+                                                     "shown (0: none)"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.results_per_query < 1:
+            problems.append(f"results_per_query must be at least 1, got {self.results_per_query}")
+        if not 0 <= self.match_pictures <= self.results_per_query:
+            problems.append(f"match_pictures must be in [0, results_per_query={self.results_per_query}] (pictures "
+                            f"are drawn for shown results), got {self.match_pictures}")
+        if problems:
+            raise ConfigError("invalid report settings: " + "; ".join(problems))
+
+
+SECTIONS = {"extraction": ExtractionConfig, "matching": MatchingConfig, "retrieval": RetrievalConfig,
+            "report": ReportConfig}
 
 
 @dataclass(frozen=True)
@@ -225,6 +245,7 @@ class DelfConfig:
     extraction: ExtractionConfig = field(**_option("feature extraction settings"))
     matching: MatchingConfig = field(**_option("image-pair verification settings"))
     retrieval: RetrievalConfig = field(**_option("retrieval settings"))
+    report: ReportConfig = field(**_option("retrieval report settings"))
 
     def __post_init__(self) -> None:
         _check_choices(self)

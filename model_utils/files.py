@@ -184,19 +184,40 @@ def list_images(images_dir: str | os.PathLike, names: Sequence[str] | None = Non
     return {name: images[name] for name in wanted}
 
 
+class ImageFolder:
+    """Images of a folder found by name, by the rule of list_images; each sub-folder is listed once
+    (finding many images costs one listing per folder, not one per image)."""
+
+    def __init__(self, images_dir: str | os.PathLike) -> None:
+        self.images_dir = Path(images_dir)
+        if not self.images_dir.is_dir():
+            raise InputError(f"image folder {self.images_dir} does not exist")
+        self._stems: dict[Path, dict[str, list[str]]] = {}  # folder -> file stem -> image file names
+
+    def _listing(self, folder: Path) -> dict[str, list[str]]:
+        if folder not in self._stems:
+            stems: dict[str, list[str]] = {}
+            for name in sorted(os.listdir(folder)) if folder.is_dir() else ():
+                stem, suffix = os.path.splitext(name)
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    stems.setdefault(stem, []).append(name)
+            self._stems[folder] = stems
+        return self._stems[folder]
+
+    def find(self, name: str) -> Path:
+        """The image file `name` (with or without its suffix)."""
+        wanted = image_id(name)
+        folder = (self.images_dir / wanted).parent  # ids may hold sub-folders; list only that one
+        candidates = [folder / file for file in self._listing(folder).get(Path(wanted).name, ())
+                      if (folder / file).is_file()]
+        if not candidates:
+            raise InputError(f"no image named {wanted!r} ({'/'.join(IMAGE_SUFFIXES)}) in {self.images_dir}")
+        if len(candidates) > 1:
+            raise InputError(f"image name {wanted!r} is ambiguous in {self.images_dir}: "
+                             + ", ".join(path.name for path in candidates))
+        return candidates[0]
+
+
 def find_image(images_dir: str | os.PathLike, name: str) -> Path:
     """The image file `name` (with or without its suffix) in `images_dir`, by the rule of list_images."""
-    images_dir = Path(images_dir)
-    wanted = image_id(name)
-    folder = (images_dir / wanted).parent  # ids may hold sub-folders; list only that one
-    if not images_dir.is_dir():
-        raise InputError(f"image folder {images_dir} does not exist")
-    candidates = sorted(path for path in (folder.iterdir() if folder.is_dir() else ())
-                        if path.stem == Path(wanted).name and path.suffix.lower() in IMAGE_SUFFIXES
-                        and path.is_file())
-    if not candidates:
-        raise InputError(f"no image named {wanted!r} ({'/'.join(IMAGE_SUFFIXES)}) in {images_dir}")
-    if len(candidates) > 1:
-        raise InputError(f"image name {wanted!r} is ambiguous in {images_dir}: "
-                         + ", ".join(path.name for path in candidates))
-    return candidates[0]
+    return ImageFolder(images_dir).find(name)

@@ -4,7 +4,7 @@
 #   GT_PATH: the classic gt folder (gt_files_170407, paris_120310) or revisitop's gnd_*.pkl / .mat.
 #   DEVICES: comma-separated device ids, one extraction worker each (CPU workers without accelerators).
 #   Extra arguments go to eval.py (e.g. --retrieval.mode=exhaustive) or override delf_config.yaml.
-# Writes OUTPUT_DIR (default ./eval_output): mAP.txt, metrics.json, ranks_*.npy, features/, logs.
+# Writes OUTPUT_DIR (default ./eval_output): mAP.txt, metrics.json, ranks_*.npy, report.html, features/, logs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}

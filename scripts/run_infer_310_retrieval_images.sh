@@ -11,7 +11,7 @@
 #   RUNNER       auto (default: the C++ runner when MindSpore sees an Ascend device, else Python), cpp, python
 #   INPUT_MODE   exact (dynamic MindIR, default for python) or canvas (static shapes, default for cpp;
 #                needs --extraction.max_image_size=...)
-#   OUTPUT_DIR   where mAP.txt, metrics.json, ranks_*.npy, the features and the logs go (default .)
+#   OUTPUT_DIR   where mAP.txt, metrics.json, ranks_*.npy, report.html, the features and the logs go (default .)
 #   CHUNK_SIZE   images on disk at a time (default 16; MAX_PENDING is its old name). The C++ runner
 #                starts (and builds its models) once per chunk: on Ascend a larger chunk saves time.
 set -euo pipefail
@@ -41,4 +41,4 @@ echo "== retrieval and evaluation (log: $OUTPUT_DIR/retrieval.log)"
 "$PYTHON" -m src.perform_retrieval --query_features "$FEATURES/query_features.h5" \
     --index_features "$FEATURES/index_features.h5" --gt_path "$GT_PATH" --images_path "$IMAGES_PATH" \
     --output_dir "$OUTPUT_DIR"
-echo "== wrote $OUTPUT_DIR/mAP.txt"
+echo "== wrote $OUTPUT_DIR/mAP.txt and $OUTPUT_DIR/report.html"

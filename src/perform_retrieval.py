@@ -1,5 +1,5 @@
 """Rank a database for every query with stored DELF features (src/retrieval/); writes ranks_<protocol>.npy,
-mAP.txt and metrics.json.
+mAP.txt, metrics.json, run.json + inliers.npz and report.html (with pictures when --images_path is given).
 
     python -m src.perform_retrieval --query_features Q.h5 --index_features I.h5 --gt_path GT \
         --output_dir OUT [--images_path DIR] [--asmk_index DIR] [--retrieval.mode=exhaustive]
@@ -24,6 +24,8 @@ from model_utils.files import list_images, require_writable_dir  # noqa: E402
 from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth  # noqa: E402
 from src.evaluation.metrics import evaluate, format_metrics, write_metrics  # noqa: E402
 from src.extraction.store_set import open_store  # noqa: E402
+from src.reporting.record import VerifiedPairs, run_settings  # noqa: E402
+from src.reporting.report import record_and_report  # noqa: E402
 from src.retrieval.rerank import retrieve, save_ranks  # noqa: E402
 
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt_path", required=True,
                         help="Oxford/Paris gt txt directory, or a revisitop gnd_*.pkl / gnd_*.mat")
     parser.add_argument("--images_path", default=None,
-                        help="database image directory; its sorted names are the database (txt gt only)")
+                        help="image directory: the report's pictures; with txt gt its sorted names are the database")
     parser.add_argument("--output_dir", required=True, help="where ranks_*.npy, mAP.txt and retrieval.log go")
     parser.add_argument("--asmk_index", default="", help="ASMK index folder (default: <index_features>.asmk)")
     config, args = get_config_and_args(argv, parser)
@@ -45,20 +47,32 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--images_path is needed with the txt ground truth in {args.gt_path} (it fixes the database)")
     ground_truth = load_ground_truth(args.gt_path, image_names)
     setup_logging()
+    verified = VerifiedPairs(max(config.retrieval.shortlist_size, config.report.results_per_query))
     with log_to_file("delf.retrieval", output_dir / "retrieval.log") as log:
         log.info("settings: %s, %s, seed %d", config.retrieval, config.matching, config.seed)
         started = time.perf_counter()
         with open_store(args.query_features) as query_store, open_store(args.index_features) as index_store:
             ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
                              junk_by_protocol(ground_truth), settings=config.retrieval, matching=config.matching,
-                             seed=config.seed, asmk_index_dir=args.asmk_index or None)
-        log.info("retrieval took %.1f s", time.perf_counter() - started)
-        for path in save_ranks(ranks, output_dir):
+                             seed=config.seed, asmk_index_dir=args.asmk_index or None, record_verified=verified)
+        timing = {"retrieval": time.perf_counter() - started}
+        log.info("retrieval took %.1f s", timing["retrieval"])
+        ranks_paths = dict(zip(ranks, save_ranks(ranks, output_dir), strict=True))
+        for path in ranks_paths.values():
             log.info("wrote %s", path)
         results = evaluate(ranks, ground_truth)
         write_metrics(results, output_dir / "mAP.txt", output_dir / "metrics.json")
         text = format_metrics(results)
         log.info("metrics:\n%s", text)
+        timing["total"] = time.perf_counter() - started
+        settings = run_settings(config, None)
+        settings["model"], settings["extraction"] = f"the one of the feature stores ({args.index_features})", None
+        page = record_and_report(
+            output_dir, command="src.perform_retrieval", ground_truth=ground_truth, gt_path=args.gt_path,
+            ranks=ranks, ranks_paths=ranks_paths, results=results, settings=settings, timing=timing,
+            report=config.report, images_path=args.images_path,
+            stores=(Path(args.query_features), Path(args.index_features)), verified=verified)
+        log.info("wrote %s", page)
     print(text, end="")
     return 0
 

@@ -39,11 +39,37 @@ def compute_ap(positive_ranks: Sequence[int] | np.ndarray, num_positives: int) -
     return float(np.sum(precision_before + precision_at) / (2.0 * num_positives))
 
 
+def positions_in(ranking: np.ndarray, *image_sets: np.ndarray) -> list[np.ndarray]:
+    """For each set of database indices, the sorted 0-based positions in `ranking` of those it holds.
+
+    Equal to np.flatnonzero(np.isin(ranking, images)) for a ranking without repeats, from one inverse
+    of the ranking: linear in its length (isin sorts it, or passes over it once per wanted image,
+    for every set; at R1M's million images that was most of the time of evaluate()).
+    """
+    ranking = np.asarray(ranking, dtype=np.int64).ravel()
+    image_sets = [np.asarray(images, dtype=np.int64).ravel() for images in image_sets]
+    wanted = [images for images in image_sets if images.size]
+    if ranking.size == 0 or not wanted:
+        return [np.zeros(0, dtype=np.int64) for _ in image_sets]
+    position = np.full(int(max(ranking.max(), *(images.max() for images in wanted))) + 1, -1, dtype=np.int64)
+    position[ranking] = np.arange(ranking.size)
+    found = [position[images] for images in image_sets]
+    return [np.sort(places[places >= 0]) for places in found]
+
+
 def _junk_free_positions(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
     """0-based positions of the positives once the junk images are taken out of the ranking."""
-    positive_positions = np.flatnonzero(np.isin(ranking, ok))
-    junk_positions = np.flatnonzero(np.isin(ranking, junk))
+    positive_positions, junk_positions = positions_in(ranking, ok, junk)
     return positive_positions - np.searchsorted(junk_positions, positive_positions)
+
+
+def precision_recall(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at each retrieved positive of one query's ranking, junk removed: the
+    points whose trapezoids compute_ap sums (empty when there are no positives)."""
+    ok = np.asarray(ok).ravel()
+    positions = _junk_free_positions(np.asarray(ranking), ok, np.asarray(junk).ravel())
+    found = np.arange(1, positions.size + 1, dtype=np.float64)
+    return found / max(ok.size, 1), found / (positions + 1)
 
 
 def _check_kappas(kappas: Iterable[int]) -> np.ndarray:
@@ -66,10 +92,11 @@ def _check_ranks(ranks: np.ndarray, num_queries: int, num_images: int | None = N
         raise InputError(f"ranks must hold integer database indices, got dtype {ranks.dtype}")
     if ranks.size and (ranks.min() < 0 or (num_images is not None and ranks.max() >= num_images)):
         raise InputError(f"ranks holds indices outside the database of {num_images} images")
-    sorted_columns = np.sort(ranks, axis=0)
-    repeated = np.flatnonzero(np.any(sorted_columns[1:] == sorted_columns[:-1], axis=0))
-    if repeated.size:
-        raise InputError(f"the ranking of query {repeated[0]} lists a database image twice")
+    # One count per column (linear; sorting the columns took seconds at R1M's million images).
+    repeated = next((query for query in range(ranks.shape[1]) if ranks.shape[0] and
+                     np.bincount(ranks[:, query]).max() > 1), None)
+    if repeated is not None:
+        raise InputError(f"the ranking of query {repeated} lists a database image twice")
     return ranks
 
 

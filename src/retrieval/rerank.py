@@ -45,6 +45,8 @@ LOGGER = logging.getLogger("delf.retrieval")
 # Database images whose features are kept between queries in asmk mode (~180 KB each at 1000 x
 # 40-D): shortlists of related queries overlap.
 FEATURE_CACHE_IMAGES = 1024
+# retrieve()'s per-query hook: (query column, {database index: (inliers, putative)}, {protocol: ranking}).
+VerifiedCallback = Callable[[int, Mapping[int, tuple[int, int]], Mapping[str, np.ndarray]], None]
 
 
 def shortlist(initial_scores: np.ndarray, junk: np.ndarray | Sequence[int], shortlist_size: int) -> np.ndarray:
@@ -130,6 +132,7 @@ def retrieve(
     seed: int = 0,
     progress: bool = True,
     asmk_index_dir: str | os.PathLike | None = None,
+    record_verified: VerifiedCallback | None = None,
 ) -> dict[str, np.ndarray]:
     """Rank the database (`database_ids` in index_store) for every query (`query_ids` in query_store,
     features of the bbx crop).
@@ -138,6 +141,8 @@ def retrieve(
     Returns {protocol: ranks}, ranks of shape (len(database_ids), len(query_ids)) with column i the
     0-based database indices for query i, best first. RANSAC runs once per verified (query, image) pair.
     `asmk_index_dir`: where the asmk index lives (default: `<index store path>.asmk`).
+    `record_verified(column, {image: (inliers, putative matches)}, {protocol: ranking})` is called
+    after each query with its verified pairs (the report shows their inlier counts).
     """
     mode, shortlist_size = settings.mode, settings.shortlist_size
     imlist, qimlist = list(database_ids), list(query_ids)
@@ -179,6 +184,8 @@ def retrieve(
                 ranks[protocol][:, column] = rerank_by_inliers(
                     scores, junk[protocol][column], shortlist_size, verifier.inliers
                 )
+        if record_verified is not None:
+            record_verified(column, verifier.results, {protocol: ranks[protocol][:, column] for protocol in protocols})
         if len(imlist) and protocols:
             best = int(ranks[protocols[-1]][0, column])
             LOGGER.info(

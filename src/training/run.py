@@ -117,8 +117,12 @@ def _profiler(config: DelfConfig, device_target: str):
 
 
 def run_training(config: DelfConfig, device_target: str = "CPU", rank_id: int = 0,
-                 rank_size: int = 1) -> TrainingResult:
-    """Train config.train_state from its starting weights up to max_iters (device already set up)."""
+                 rank_size: int = 1, log_path: str | os.PathLike | None = None) -> TrainingResult:
+    """Train config.train_state from its starting weights up to max_iters (device already set up).
+
+    `log_path`: the log the loss lines go to; rank 0 plots it into `<save_ckpt>/training_curves.png`
+    at every checkpoint.
+    """
     check_inputs(config, device_target)
     if config.batch_size % rank_size:
         raise InputError(f"batch_size: {config.batch_size} is not divisible by the {rank_size} data-parallel ranks")
@@ -139,13 +143,14 @@ def run_training(config: DelfConfig, device_target: str = "CPU", rank_id: int = 
                 linear_decay_lr(config.initial_lr, config.max_iters, start_step), origin, bn_epsilon, conv_impl,
                 "graph" if mindspore.get_context("mode") == mindspore.GRAPH_MODE else "pynative", config.amp_level)
 
-    monitor = TrainingMonitor(steps_per_epoch, config.log_interval, config.initial_lr, config.max_iters)
+    monitor = TrainingMonitor(steps_per_epoch, config.log_interval, config.initial_lr, config.max_iters,
+                              train_step.network.value_names)
     callbacks = [monitor]
     saver = None
     if rank_id == 0:
         saver = CheckpointSaver(config.save_ckpt, config.train_state, config.save_ckpt_step,
                                 config.keep_checkpoint_max, steps_per_epoch, config.max_iters,
-                                model_record(train_step.network.model))
+                                model_record(train_step.network.model), log_path)
         callbacks.append(saver)
         if config.need_summary:
             callbacks.append(mindspore.train.SummaryCollector(config.save_summary, collect_freq=config.log_interval))

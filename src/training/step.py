@@ -4,7 +4,8 @@ The network (src/delf_model.py) knows nothing of training; everything here wraps
 
 - Loss: softmax cross-entropy (sparse labels, mean over the batch) of the stage's classifier;
   the attn stage multiplies it by attention_loss_weight and adds reconstruction_loss_weight x the
-  autoencoder's reconstruction loss (as the TF reference).
+  autoencoder's reconstruction loss (as the TF reference). Beside the loss, the loss cell returns
+  named values to log (`value_names`: the classifier's batch accuracy); they take no gradient.
 - Learning rate: initial_lr * (1 - step / max_iters), per step, from the optimizer's global_step,
   so a run resumed at step s continues the schedule exactly.
 - Train step: gradients are averaged over data-parallel ranks first (the MindSpore port summed
@@ -34,11 +35,13 @@ from mindspore.train.callback import Callback
 
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
+from src.training.curves import write_training_curves
 
 GRADIENT_CLIP_NORM = 10.0
 MOMENTUM = 0.9
 CHECKPOINT_PREFIX = "checkpoint_delf_"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_delf_(?P<stage>[a-z]+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+CURVES_NAME = "training_curves.png"  # beside the checkpoints
 OPTIMIZER_STATE_PREFIXES = ("accum.", "stat.")  # nn.SGD's momentum buffers and first-step flags
 
 LOGGER = logging.getLogger("delf.train")
@@ -69,7 +72,14 @@ class LinearDecayLR(LearningRateSchedule):
 
 
 class DelfTrainingLoss(nn.Cell):
-    """The stage's training loss on (images, labels); parameter names stay those of the model."""
+    """The stage's training loss on (images, labels), and values to log beside it.
+
+    Returns (loss, values): `values` is a 1-D tensor, one entry per name in `value_names` (the log
+    line prints them as `name: value`, src/training/curves.py plots them). Parameter names stay
+    those of the model.
+    """
+
+    value_names = ("accuracy",)  # of the stage's classifier on the batch (before the update)
 
     def __init__(self, model: nn.Cell, attention_loss_weight: float = 1.0,
                  reconstruction_loss_weight: float = 10.0) -> None:
@@ -80,12 +90,17 @@ class DelfTrainingLoss(nn.Cell):
         self.reconstruction_loss_weight = reconstruction_loss_weight
         self.cross_entropy = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
 
-    def construct(self, images: Tensor, labels: Tensor) -> Tensor:
+    def construct(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.is_attention_stage:
             logits, reconstruction_loss = self.model(images)
-            loss = self.attention_loss_weight * self.cross_entropy(logits.astype(mindspore.float32), labels)
-            return loss + self.reconstruction_loss_weight * reconstruction_loss.astype(mindspore.float32)
-        return self.cross_entropy(self.model(images).astype(mindspore.float32), labels)
+            logits = logits.astype(mindspore.float32)
+            loss = self.attention_loss_weight * self.cross_entropy(logits, labels)
+            loss = loss + self.reconstruction_loss_weight * reconstruction_loss.astype(mindspore.float32)
+        else:
+            logits = self.model(images).astype(mindspore.float32)
+            loss = self.cross_entropy(logits, labels)
+        correct = ops.equal(ops.argmax(logits, dim=-1).astype(labels.dtype), labels).astype(mindspore.float32)
+        return loss, ops.stop_gradient(ops.stack([correct.mean()]))
 
 
 def clip_by_global_norm(grads: tuple[Tensor, ...], clip_norm: float) -> tuple[Tensor, ...]:
@@ -99,7 +114,8 @@ def clip_by_global_norm(grads: tuple[Tensor, ...], clip_norm: float) -> tuple[Te
 
 
 class ClippedTrainStep(nn.TrainOneStepCell):
-    """One SGD step: loss, gradients, data-parallel mean, global-norm clip, update; returns the loss.
+    """One SGD step: loss, gradients, data-parallel mean, global-norm clip, update; returns (loss, values)
+    (the loss cell's logged values, computed before the update).
 
     nn.TrainOneStepCell builds the gradient reducer from the auto-parallel context, so set
     DATA_PARALLEL with gradients_mean=True before creating this cell.
@@ -110,13 +126,14 @@ class ClippedTrainStep(nn.TrainOneStepCell):
         super().__init__(loss_cell, optimizer)
         self.clip_norm = clip_norm
 
-    def construct(self, images: Tensor, labels: Tensor) -> Tensor:
-        loss = self.network(images, labels)
-        sens = ops.fill(loss.dtype, loss.shape, self.sens)
+    def construct(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        loss, values = self.network(images, labels)
+        # Only the loss is differentiated: the logged values get a zero sensitivity.
+        sens = (ops.fill(loss.dtype, loss.shape, self.sens), ops.zeros_like(values))
         grads = self.grad(self.network, self.weights)(images, labels, sens)
         grads = self.grad_reducer(grads)
         grads = clip_by_global_norm(grads, self.clip_norm)
-        return ops.depend(loss, self.optimizer(grads))
+        return ops.depend(loss, self.optimizer(grads)), values
 
     def set_train(self, mode: bool = True) -> ClippedTrainStep:
         # Cell.set_train flags every sub-cell directly; let the model re-apply its own rule
@@ -226,14 +243,21 @@ def _epoch_of(step: int, steps_per_epoch: int) -> int:
 
 
 class TrainingMonitor(Callback):
-    """Per step: stop on a non-finite loss; every log_interval steps: the reference's loss line + timing."""
+    """Per step: stop on a non-finite loss; every log_interval steps: the reference's loss line, then
+    `name: value` pairs (step time, learning rate, the loss cell's `value_names`).
 
-    def __init__(self, steps_per_epoch: int, log_interval: int, initial_lr: float, max_iters: int) -> None:
+    The line starts as the reference's (`epoch: 1 step: 39000, loss is 1.5936852`); the named values
+    after it are what src/training/curves.py plots, whatever their names.
+    """
+
+    def __init__(self, steps_per_epoch: int, log_interval: int, initial_lr: float, max_iters: int,
+                 value_names: tuple[str, ...] = DelfTrainingLoss.value_names) -> None:
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.log_interval = log_interval
         self.initial_lr = initial_lr
         self.max_iters = max_iters
+        self.value_names = value_names
         self.losses: dict[int, float] = {}  # global step -> loss of that step
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
@@ -241,7 +265,7 @@ class TrainingMonitor(Callback):
     def on_train_step_end(self, run_context) -> None:
         params = run_context.original_args()
         outputs = params.net_outputs
-        loss = float(np.asarray((outputs[0] if isinstance(outputs, tuple | list) else outputs).asnumpy()))
+        loss = float(np.asarray(outputs[0].asnumpy()))
         step = global_step(params.train_network)
         epoch = _epoch_of(step, self.steps_per_epoch)
         if not math.isfinite(loss):
@@ -252,14 +276,17 @@ class TrainingMonitor(Callback):
         if step % self.log_interval == 0 or step == self.max_iters:
             elapsed = time.perf_counter() - self._interval_start
             lr = linear_decay_lr(self.initial_lr, self.max_iters, step - 1)
-            LOGGER.info("epoch: %d step: %d, loss is %.7f, step time: %.1f ms, lr: %.6g", epoch, step, loss,
-                        1000.0 * elapsed / self._interval_steps, lr)
+            values = np.asarray(outputs[1].asnumpy(), dtype=np.float64).reshape(-1)
+            named = "".join(f", {name}: {value:.7g}" for name, value in zip(self.value_names, values, strict=True))
+            LOGGER.info("epoch: %d step: %d, loss is %.7f, step time: %.1f ms, lr: %.6g%s", epoch, step, loss,
+                        1000.0 * elapsed / self._interval_steps, lr, named)
             self._interval_start = time.perf_counter()
             self._interval_steps = 0
 
 
 class CheckpointSaver(Callback):
-    """Every save_every steps and at max_iters: an atomic checkpoint, keeping the newest keep_max.
+    """Every save_every steps and at max_iters: an atomic checkpoint, keeping the newest keep_max, and
+    `training_curves.png` beside it, plotted from the training log `log_path` (when given).
 
     Weights that are not finite are never saved (training stops instead). A step's loss is
     computed before its update, so a checkpoint written exactly one step before the first NaN loss
@@ -267,7 +294,8 @@ class CheckpointSaver(Callback):
     """
 
     def __init__(self, directory: str | os.PathLike, stage: str, save_every: int, keep_max: int,
-                 steps_per_epoch: int, max_iters: int, record: dict) -> None:
+                 steps_per_epoch: int, max_iters: int, record: dict,
+                 log_path: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.stage = stage
@@ -276,6 +304,7 @@ class CheckpointSaver(Callback):
         self.steps_per_epoch = steps_per_epoch
         self.max_iters = max_iters
         self.record = record  # what the checkpoints record about the network (weights.network_record)
+        self.log_path = log_path
         self.saved: list[Path] = []
 
     def on_train_step_end(self, run_context) -> None:
@@ -293,6 +322,15 @@ class CheckpointSaver(Callback):
         LOGGER.info("saved checkpoint %s", path)
         for old in list_checkpoints(self.directory, self.stage)[:-self.keep_max]:
             old.unlink()
+        if self.log_path:
+            self._plot_curves()
+
+    def _plot_curves(self) -> None:
+        # A picture is not worth stopping hours of training for: a failure is a warning.
+        try:
+            LOGGER.info("plotted %s", write_training_curves([self.log_path], self.directory / CURVES_NAME))
+        except (InputError, OSError) as error:
+            LOGGER.warning("could not plot the training curves from %s: %s", self.log_path, error)
 
 
 class ProfilerStep(Callback):

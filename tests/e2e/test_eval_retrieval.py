@@ -4,12 +4,15 @@ The database is built from the real photos in the test data's images/ (the Sacre
 Oxford query and its positive, unrelated photos). Weights are random, so the checks are ones
 that hold for any weights: each query's bbx is a stride-aligned crop of a database image, which
 therefore comes first; asmk (the default) and exhaustive retrieval agree on the top result of
-every query; both gt formats give the same ranking; mAP.txt has the reference's layout.
+every query; both gt formats give the same ranking; mAP.txt has the reference's layout. The run's
+report.html is loaded in headless Chromium (every thumbnail must load, the summary must equal
+metrics.json), and its recorded inlier counts equal a fresh verification of the pair.
 """
 
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import loaded_dom, parse, screenshot
 from data_registry import registry_paths
+from PIL import Image
 
 from model_utils.config import RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, load_ground_truth
+from src.evaluation.metrics import PAPER_KAPPAS
 from src.extraction.store import FeatureStore
+from src.matching.verify import match_features
+from src.reporting.page import percent
+from src.reporting.record import load_run
 from src.retrieval.rerank import retrieve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +44,7 @@ POSITIVES = {"sacre_coeur1": (["sacre_coeur1", "sacre_coeur2"], [Path(p).stem fo
     "images/sacre_coeur_db/")][:3]),
              "all_souls_000013": (["all_souls_000013"], ["all_souls_000055"])}
 DISTRACTORS = ["butterfly", "squirrel_cls", "building", "leuvenA"]
+MATCH_PICTURES = 2
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,8 @@ def evaluated(database, random_checkpoint, tmp_path_factory):
     output = tmp_path_factory.mktemp("eval_output")
     env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(output)}
     done = subprocess.run(["bash", "scripts/run_eval_retrieval_images.sh", str(database["images"]),
-                           str(database["gt_dir"]), str(random_checkpoint), "0", *FAST_SETTINGS],
+                           str(database["gt_dir"]), str(random_checkpoint), "0", *FAST_SETTINGS,
+                           f"--report.match_pictures={MATCH_PICTURES}"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return output, done.stdout
@@ -145,3 +156,84 @@ def test_two_extraction_workers_split_the_work_and_agree(database, random_checkp
         assert queries.image_ids() == sorted(QUERIES)
     assert not (tmp_path / "index_features.h5.journal").exists() or not any(
         (tmp_path / "index_features.h5.journal").glob("*.npz"))
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium_with_every_thumbnail(evaluated, tmp_path):
+    output, stdout = evaluated
+    page = output / "report.html"
+    assert f"{page}" in stdout
+    dom = loaded_dom(page, tmp_path / "profile")
+    assert dom.all("body")[0].get("data-checked") == "yes"  # the load event ran
+    thumbnails = [image for image in dom.all("img") if image["src"].startswith("report_files/thumbs/")]
+    # Each query and its 10 results (the database has 11 images), plus a missed positive where there is one.
+    assert len(thumbnails) >= len(QUERIES) * 11
+    broken = [image["src"] for image in dom.all("img") if image.get("data-loaded") != "true"]
+    assert broken == []
+    for image in thumbnails:
+        assert max(Image.open(output / image["src"]).size) <= 256
+    metrics = json.loads((output / "metrics.json").read_text())["protocols"]
+    expected = {f"{protocol} {name}": percent(values["mAP"] if name == "mAP" else values["mP@k"][name[3:]])
+                for protocol, values in metrics.items() for name in ["mAP"] + [f"mP@{k}" for k in PAPER_KAPPAS]}
+    assert dom.metrics == expected
+    shot = screenshot(page, tmp_path / "report.png", tmp_path / "profile")
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2400, 1280) and pixels.std() > 20  # a rendered page, not a blank one
+
+
+@pytest.mark.slow
+def test_report_is_offline_and_links_match_pictures(evaluated):
+    output, _ = evaluated
+    elements = parse((output / "report.html").read_text())
+    links = [attributes.get("src") or attributes.get("href") for tag, attributes in elements.tags
+             if tag in ("img", "a", "link", "script", "iframe")]
+    assert not [link for link in links if link and not (link.startswith(("report_files/", "data:image/png;base64,",
+                                                                          "#")))]
+    assert not elements.all("script") and not elements.all("link")
+    pictures = sorted({a["href"] for a in elements.all("a") if a["href"].startswith("report_files/matches/")})
+    assert len(pictures) == len(QUERIES) * MATCH_PICTURES
+    for picture in pictures:
+        assert Image.open(output / picture).format == "PNG"
+
+
+@pytest.mark.slow
+def test_recorded_inliers_equal_a_fresh_verification(evaluated):
+    """The inlier counts the report shows come from re-ranking; verifying the pair again must agree."""
+    output, _ = evaluated
+    run = load_run(output)
+    assert run.record.settings["retrieval"]["mode"] == "asmk" and run.inliers
+    with FeatureStore(output / "features" / "query_features.h5") as queries, \
+            FeatureStore(output / "features" / "index_features.h5") as index:
+        for query, name in enumerate(run.ground_truth["qimlist"]):
+            for image in run.ranks["medium"][:3, query]:
+                fresh = match_features(index.get(run.ground_truth["imlist"][image]), queries.get(name), seed=0)
+                assert run.inliers[(query, int(image))] == fresh.num_inliers
+
+
+@pytest.mark.slow
+def test_rescoring_and_rebuilding_write_the_same_report(evaluated, database, tmp_path):
+    output, _ = evaluated
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    rescored = tmp_path / "rescored"
+    done = subprocess.run([sys.executable, "eval.py", "--images_path", str(database["images"]), "--gt_path",
+                           str(database["gt_dir"]), "--ranks_dir", str(output), "--output_dir", str(rescored)],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original, again = load_run(output), load_run(rescored)
+    assert again.record.settings == original.record.settings  # taken from the run.json beside the ranks
+    assert again.inliers == original.inliers and again.record.inliers.path == output / "inliers.npz"
+    assert "re-scoring" in again.record.timing and "retrieval" in again.record.timing
+    metrics = parse((output / "report.html").read_text()).metrics
+    assert parse((rescored / "report.html").read_text()).metrics == metrics
+    thumbnails = sorted((output / "report_files" / "thumbs").iterdir())
+    modified = [path.stat().st_mtime_ns for path in thumbnails]
+    before = (output / "report.html").read_text()
+    done = subprocess.run([sys.executable, "-m", "src.report", str(output), f"--report.match_pictures={MATCH_PICTURES}"
+                           ], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [path.stat().st_mtime_ns for path in thumbnails] == modified  # cached: not drawn again
+
+    def without_build_time(text: str) -> str:
+        return re.sub(r"page built [^<]*", "", text)
+
+    assert without_build_time((output / "report.html").read_text()) == without_build_time(before)

@@ -1,6 +1,7 @@
 """The shell entry points end to end: scripts/run_eval_match_images.sh and the demo."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,19 @@ def test_demo_runs_from_any_directory(tmp_path):
     error = float(done.stdout.split("mean corner error: ")[1].split()[0])
     assert error < 40.0
     assert Image.open(tmp_path / "eval_match.png").size[0] > 640
+
+
+def test_browser_setup_skips_a_present_browser_and_says_in_one_line_when_it_cannot_install(tmp_path):
+    """scripts/setup_browser.sh (install.sh --test) without Chromium and without apt-get: one line, no failure."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "id"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    script = [str(tools / "bash"), "scripts/setup_browser.sh"]
+    done = subprocess.run(script, cwd=PROJECT_ROOT, env={"PATH": str(tools)}, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "install Debian's chromium package" in done.stderr, done.stderr
+    (tools / "chromium").write_text("#!/bin/sh\n")
+    (tools / "chromium").chmod(0o755)
+    done = subprocess.run(script, cwd=PROJECT_ROOT, env={"PATH": str(tools)}, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")

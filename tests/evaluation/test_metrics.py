@@ -19,7 +19,15 @@ from src.evaluation.ground_truth import (
     read_classic_ground_truth,
     read_revisited_ground_truth,
 )
-from src.evaluation.metrics import compute_ap, compute_map, evaluate, format_metrics, write_metrics
+from src.evaluation.metrics import (
+    compute_ap,
+    compute_map,
+    evaluate,
+    format_metrics,
+    positions_in,
+    precision_recall,
+    write_metrics,
+)
 
 
 def column(*indices: int) -> np.ndarray:
@@ -71,6 +79,27 @@ def test_junk_between_positives_hand_computed():
     )
     assert mean_ap == pytest.approx(17 / 45, abs=1e-12)
     np.testing.assert_allclose(precisions[0], [1 / 3, 3 / 5], atol=1e-12)
+
+
+def test_precision_recall_points_by_hand():
+    # ranking 5 9 7 3 8 with positives {9, 3, 4}, junk {7}: junk-free, 9 is 2nd and 3 is 3rd; 4 is never found
+    recall, precision = precision_recall(np.array([5, 9, 7, 3, 8]), np.array([9, 3, 4]), np.array([7]))
+    np.testing.assert_allclose(recall, [1 / 3, 2 / 3])
+    np.testing.assert_allclose(precision, [1 / 2, 2 / 3])
+    # the trapezoids under these points are compute_ap's (precision before the first positive: 0/1)
+    trapezoids = (recall[0] * (0 + precision[0]) + (recall[1] - recall[0]) * (precision[0] + precision[1])) / 2
+    assert trapezoids == pytest.approx(compute_ap([1, 2], 3))
+    assert [array.size for array in precision_recall(np.array([1, 2]), np.array([], dtype=np.int64), [])] == [0, 0]
+
+
+def test_positions_in_equals_isin_on_truncated_rankings():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        size = int(rng.integers(1, 60))
+        ranking = rng.permutation(size)[:int(rng.integers(0, size + 1))]  # truncated: some images missing
+        wanted = [rng.choice(size + 5, int(rng.integers(0, 8)), replace=False) for _ in range(2)]  # some beyond it
+        for found, images in zip(positions_in(ranking, *wanted), wanted, strict=True):
+            np.testing.assert_array_equal(found, np.flatnonzero(np.isin(ranking, images)))
 
 
 def test_query_without_positives_is_excluded():

@@ -354,7 +354,9 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     ]
     assert main(arguments) == 0
     names = sorted(p.name for p in output_dir.iterdir())
-    assert names == ["mAP.txt", "metrics.json", "ranks_easy.npy", "ranks_hard.npy", "ranks_medium.npy", "retrieval.log"]
+    # (the image files are empty: the report shows no thumbnail, so it writes no report_files/)
+    assert names == ["inliers.npz", "mAP.txt", "metrics.json", "ranks_easy.npy", "ranks_hard.npy", "ranks_medium.npy",
+                     "report.html", "retrieval.log", "run.json"]
     # the CLI's database order is the sorted image names, not the fixture's shuffled order
     sorted_names = sorted(world["ground_truth"]["imlist"])
     ranks = np.load(output_dir / "ranks_medium.npy", allow_pickle=False)

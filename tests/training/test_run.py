@@ -31,12 +31,13 @@ from keras_weights import random_keras_arrays, write_keras1_h5
 from mindspore import Tensor, nn, ops
 
 import train
-from model_utils.cli import InputError
+from model_utils.cli import LOG_FORMAT, InputError
 from model_utils.config import get_config
 from src.extraction.images import load_image, resize_image
 from src.extraction.pyramid import normalize_images
 from src.model.network import DelfModel
 from src.training.build_image_dataset import build_image_dataset
+from src.training.curves import read_training_log
 from src.training.step import (
     LOGGER,
     CheckpointSaver,
@@ -52,7 +53,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SIZE, BATCH, STEPS, MID_STEP = 64, 4, 20, 15
 NUM_CLASSES, IMAGES_PER_CLASS = 3, 8  # 24 images -> 6 batches per epoch
 STEPS_PER_EPOCH = NUM_CLASSES * IMAGES_PER_CLASS // BATCH
-LOSS_LINE = re.compile(r"^epoch: (\d+) step: (\d+), loss is (\d+\.\d{7}), step time: [\d.]+ ms, lr: [\d.e-]+$")
+LOSS_LINE = re.compile(r"^epoch: (\d+) step: (\d+), loss is (\d+\.\d{7}), step time: [\d.]+ ms, lr: [\d.e-]+, "
+                       r"accuracy: ([\d.]+)$")
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +96,30 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def run(argv: list[str]):
-    """run_training on a config from CLI-style overrides; returns (result, logged lines)."""
-    handler = LogLines()
-    LOGGER.addHandler(handler)
+def run(argv: list[str], log_path: Path | None = None):
+    """run_training on a config from CLI-style overrides; returns (result, logged lines).
+
+    With `log_path`, the lines are also appended there as train.py's log file has them."""
+    handlers: list[logging.Handler] = [LogLines()]
+    if log_path:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path))
+        handlers[-1].setFormatter(logging.Formatter(LOG_FORMAT))
+    for handler in handlers:
+        LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
     try:
-        return train.run_training(get_config(argv), "CPU"), handler.lines
+        return train.run_training(get_config(argv), "CPU", log_path=log_path), handlers[0].lines
     finally:
-        LOGGER.removeHandler(handler)
+        for handler in handlers:
+            LOGGER.removeHandler(handler)
+            handler.close()
 
 
 @pytest.fixture(scope="module")
 def tuning(tiny_data):
     save_ckpt = tiny_data.root / "tuning"
-    result, lines = run(overrides(tiny_data, save_ckpt))
+    result, lines = run(overrides(tiny_data, save_ckpt), log_path=save_ckpt / "train_tuning.log")
     return SimpleNamespace(result=result, lines=lines, save_ckpt=save_ckpt)
 
 
@@ -148,9 +159,10 @@ class TinyClassifier(nn.Cell):
 def numpy_training(weight, bias, features, labels, initial_lr, max_iters, steps):
     """Softmax cross-entropy, global-norm clip at 10, SGD momentum 0.9, linear decay: by hand."""
     accum_w, accum_b = np.zeros_like(weight), np.zeros_like(bias)
-    losses, norms = [], []
+    losses, norms, accuracies = [], [], []
     for step in range(steps):
         logits = features @ weight.T + bias
+        accuracies.append(np.mean(logits.argmax(axis=1) == labels))
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         losses.append(-np.log(probs[np.arange(len(labels)), labels]).mean())
@@ -163,7 +175,7 @@ def numpy_training(weight, bias, features, labels, initial_lr, max_iters, steps)
         accum_w = 0.9 * accum_w + scale * grad_w
         accum_b = 0.9 * accum_b + scale * grad_b
         weight, bias = weight - lr * accum_w, bias - lr * accum_b
-    return weight, bias, np.array(losses), np.array(norms)
+    return weight, bias, np.array(losses), np.array(norms), np.array(accuracies)
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
@@ -178,13 +190,18 @@ def test_train_step_matches_sgd_by_hand(mode):
     previous = mindspore.get_context("mode")
     mindspore.set_context(mode=mindspore.GRAPH_MODE if mode == "graph" else mindspore.PYNATIVE_MODE)
     try:
-        losses = [float(train_step(Tensor(features.astype(np.float32)), Tensor(labels.astype(np.int32))).asnumpy())
-                  for _ in range(6)]
+        outputs = [train_step(Tensor(features.astype(np.float32)), Tensor(labels.astype(np.int32)))
+                   for _ in range(6)]
     finally:
         mindspore.set_context(mode=previous)
-    weight, bias, expected_losses, norms = numpy_training(weight0, bias0, features, labels, 0.05, 8, 6)
+    losses = [float(loss.asnumpy()) for loss, _ in outputs]
+    accuracies = [float(values.asnumpy()[0]) for _, values in outputs]  # value_names: ("accuracy",)
+    weight, bias, expected_losses, norms, expected_accuracies = numpy_training(weight0, bias0, features, labels,
+                                                                               0.05, 8, 6)
     assert norms[0] > 10.0 and norms.min() < 10.0  # both sides of the clip are exercised
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
+    assert len(set(expected_accuracies)) > 1  # the accuracy changes as the weights learn
+    np.testing.assert_allclose(accuracies, expected_accuracies, atol=1e-6)
     np.testing.assert_allclose(model.dense.weight.asnumpy(), weight, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.dense.bias.asnumpy(), bias, rtol=1e-4, atol=1e-5)
     assert int(train_step.optimizer.global_step.asnumpy()[0]) == 6
@@ -258,9 +275,28 @@ def test_tuning_loss_falls_and_logs_like_the_reference(tuning):
     assert losses[-5:].mean() < 0.5 * losses[:5].mean(), losses
     loss_lines = [LOSS_LINE.match(line) for line in tuning.lines if line.startswith("epoch:")]
     assert len(loss_lines) == STEPS and all(loss_lines)
-    epoch, step, logged = loss_lines[MID_STEP - 1].groups()
+    epoch, step, logged, accuracy = loss_lines[MID_STEP - 1].groups()
     assert (int(epoch), int(step)) == (epoch_of(MID_STEP), MID_STEP)
     assert float(logged) == pytest.approx(tuning.result.losses[MID_STEP], abs=1e-7)
+    accuracies = np.array([float(line.group(4)) for line in loss_lines])
+    assert np.all(accuracies * BATCH == np.round(accuracies * BATCH))  # correct images of a batch of 4
+    assert accuracies[-5:].mean() > accuracies[:5].mean()  # the classifier learns as the loss falls
+
+
+@pytest.mark.slow
+def test_training_curves_are_plotted_from_the_log_at_every_checkpoint(tuning, tmp_path):
+    curves_png = tuning.save_ckpt / "training_curves.png"
+    assert curves_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(line.startswith("plotted ") for line in tuning.lines) == len(tuning.result.checkpoints) == 4
+    [curve] = read_training_log(tuning.save_ckpt / "train_tuning.log")
+    steps, losses = curve.series("loss")
+    assert steps.tolist() == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(losses, [tuning.result.losses[step] for step in steps], atol=1e-7)
+    assert set(curve.values) == {"loss", "step time", "lr", "accuracy"}
+    np.testing.assert_allclose(curve.series("lr")[1], 0.01 * (1 - (steps - 1) / STEPS), rtol=1e-5)
+    assert subprocess.run([sys.executable, "-m", "src.plot_training", str(tuning.save_ckpt / "train_tuning.log"),
+                           "--output", str(tmp_path / "curves.png")], cwd=PROJECT_ROOT, check=False).returncode == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -281,7 +317,12 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run(tiny_data, tuning):
     """Step 15 is inside epoch 3: the resumed run must skip that epoch's first 2 batches."""
     middle = tuning.save_ckpt / checkpoint_name("tuning", epoch_of(MID_STEP), MID_STEP)
     save_ckpt = tiny_data.root / "resumed"
-    result, lines = run(overrides(tiny_data, save_ckpt, checkpoint_path=middle, keep_checkpoint_max=1))
+    # The interrupted run's log went on to step 17; the resumed run appends to it from step 16.
+    log_path = save_ckpt / "train_tuning.log"
+    save_ckpt.mkdir()
+    logged = (tuning.save_ckpt / "train_tuning.log").read_text().splitlines(keepends=True)
+    log_path.write_text("".join(logged[:next(i for i, line in enumerate(logged) if " step: 18," in line)]))
+    result, lines = run(overrides(tiny_data, save_ckpt, checkpoint_path=middle, keep_checkpoint_max=1), log_path)
     assert sorted(result.losses) == list(range(MID_STEP + 1, STEPS + 1))
     resumed = [result.losses[step] for step in range(MID_STEP + 1, STEPS + 1)]
     uninterrupted = [tuning.result.losses[step] for step in range(MID_STEP + 1, STEPS + 1)]
@@ -292,6 +333,11 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run(tiny_data, tuning):
     assert first.split(", step time")[0] == original.split(", step time")[0]
     assert first.split(", lr: ")[1] == original.split(", lr: ")[1]
     assert [p.name for p in save_ckpt.glob("*.ckpt")] == [checkpoint_name("tuning", 4, STEPS)]  # keep 1
+    [curve] = read_training_log(log_path)  # the resumed run continues the interrupted run's curve
+    steps, losses = curve.series("loss")
+    assert steps.tolist() == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(losses, [tuning.result.losses[step] for step in steps], atol=1e-7)
+    assert (save_ckpt / "training_curves.png").is_file()
 
 
 @pytest.mark.slow
