@@ -79,6 +79,11 @@ class ExtractionConfig:
     # (TF DELG's image_scales_ind; 3, 4, 5 = scales 0.7071, 1, 1.4142 of the default pyramid). DELF ignores it.
     global_scale_indices: tuple[int, ...] = field(default=(3, 4, 5), **_option(
         "DELG: indices into image_scales of the levels whose global descriptors are combined"))
+    # How the store keeps local descriptors (src/extraction/features.py): float16 halves and int8
+    # quarters their bytes (R1M re-ranking: docs/extraction.md); readers always get float32.
+    descriptor_dtype: str = field(default="float32", **_option(
+        "stored local descriptors: float32, float16 (half the bytes) or int8 (a quarter, plus a scale each)",
+        ("float32", "float16", "int8")))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
@@ -120,6 +125,8 @@ class ExtractionConfig:
             del payload["resize"]
         if tuple(payload["global_scale_indices"]) == (3, 4, 5):
             del payload["global_scale_indices"]
+        if payload["descriptor_dtype"] == "float32":
+            del payload["descriptor_dtype"]
         payload["checkpoint"] = checkpoint_id
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -98,7 +98,7 @@ def store_outputs(manifest: dict, outputs_dir: Path, stores: Mapping[str, Featur
             LOGGER.error("%s failed: %s", image["image_id"], report.failed[image["image_id"]])
             continue
         stores[image["store"]].put(image["image_id"], features, image_size=tuple(image["image_size"]),
-                                   settings_hash=run_hash)
+                                   settings_hash=run_hash, descriptor_dtype=config.descriptor_dtype)
         LOGGER.info("%s: %d features", image["image_id"], len(features.locations))
         report.extracted += 1
     return reports

@@ -245,7 +245,8 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
             LOGGER.error("%s failed: %s", image_id, report.failed[image_id])
             continue
         try:
-            store.put(image_id, features, image_size=prepared.image_size, settings_hash=settings_hash)
+            store.put(image_id, features, image_size=prepared.image_size, settings_hash=settings_hash,
+                      descriptor_dtype=extractor.config.descriptor_dtype)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InputError(f"no space left on device while writing {store.path}; "

@@ -57,7 +57,20 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from model_utils.files import TEMP_SUFFIX, atomic_output
-from src.extraction.features import FIELDS, KEYPOINT_FIELDS, Keypoints, LocalFeatures, check_features, features_checksum
+from src.extraction.features import (
+    FIELDS,
+    KEYPOINT_FIELDS,
+    OPTIONAL_FIELDS,
+    Keypoints,
+    LocalFeatures,
+    StoredFeatures,
+    check_features,
+    check_global_descriptor,
+    check_keypoints,
+    check_stored,
+    encode_features,
+    features_checksum,
+)
 
 JOURNAL_SUFFIX = ".journal"
 FAILURES_SUFFIX = ".failures.txt"  # the list of images that failed, beside a store (extractor.write_failures)
@@ -72,10 +85,15 @@ _TEMP_PATTERN = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")
 
 
 class StoredImage(NamedTuple):
-    features: LocalFeatures
+    features: LocalFeatures  # float32, decoded
     image_size: tuple[int, int]  # (h, w)
     settings_hash: str
     verified: bool  # False for images written before checksums existed
+    arrays: StoredFeatures  # as stored (encoded descriptors, global descriptor): what compaction copies
+
+    @property
+    def global_descriptor(self) -> np.ndarray | None:
+        return self.arrays.global_descriptor
 
 
 class RepairReport(NamedTuple):
@@ -87,6 +105,10 @@ class RepairReport(NamedTuple):
 
 class DamagedImageError(InputError):
     """One image of a store is unreadable or fails its checksum; re-extracting it repairs the store."""
+
+
+class NoGlobalDescriptorError(InputError):
+    """The image is stored without a global descriptor (extracted by DELF, not DELG)."""
 
 
 class DamagedStoreError(InputError):
@@ -232,7 +254,8 @@ class FeatureStore:
     def _read_record(self, image_id: str, journal: bool = True) -> dict:
         """The raw arrays and attributes of one image (journal first, unless `journal` is False), unverified."""
         # The journal first: compaction replaces the HDF5 file before deleting journal entries.
-        entry = self._read_journal(image_id, (*FIELDS, "image_size", "settings_hash", "checksum")) if journal else None
+        entry = self._read_journal(image_id, (*FIELDS, *OPTIONAL_FIELDS, "image_size", "settings_hash", "checksum")
+                                   ) if journal else None
         if entry is not None:
             missing = [key for key in (*FIELDS, "image_size", "settings_hash") if key not in entry]
             if missing:
@@ -245,7 +268,8 @@ class FeatureStore:
             raise self._missing(image_id)
         try:
             attrs = group.attrs
-            record = {name: group[name][()] for name in FIELDS}  # fletcher32 is checked here
+            names = [*FIELDS, *(name for name in OPTIONAL_FIELDS if name in group)]
+            record = {name: group[name][()] for name in names}  # fletcher32 is checked here
             record["image_size"] = np.asarray(attrs["image_size"])
             record["settings_hash"] = str(attrs["settings_hash"])
             record["checksum"] = str(attrs["checksum"]) if "checksum" in attrs else None
@@ -264,17 +288,16 @@ class FeatureStore:
         if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size <= 0).any():
             raise self._damaged(image_id, "attributes", f"image_size {size.tolist()}")
         image_size = (int(size[0]), int(size[1]))
-        raw = LocalFeatures(*(np.asarray(record[name]) for name in FIELDS))
-        if any(array.dtype != np.float32 for array in raw):
-            raise self._damaged(image_id, "arrays", "not float32")
+        raw = StoredFeatures(*(np.asarray(record[name]) if name in record else None
+                               for name in StoredFeatures._fields))
         if record["checksum"] is not None and record["checksum"] != features_checksum(
                 raw, image_size, record["settings_hash"]):
             raise self._damaged(image_id, "checksum", "the stored data does not match its checksum")
         try:
-            features = check_features(image_id, raw, DamagedImageError)
+            features = check_stored(image_id, raw, DamagedImageError)
         except DamagedImageError as error:
             raise self._damaged(image_id, "arrays", error) from None
-        return StoredImage(features, image_size, record["settings_hash"], record["checksum"] is not None)
+        return StoredImage(features, image_size, record["settings_hash"], record["checksum"] is not None, raw)
 
     def get(self, image_id: str) -> LocalFeatures:
         """The stored features of one image, verified; InputError if it is not stored or damaged."""
@@ -285,25 +308,59 @@ class FeatureStore:
 
         About half the cost of `get` (two of the four arrays, no CRC-32 over all of them). Reading
         still detects damage: HDF5 checks each dataset's fletcher32 and the journal's zip archive
-        each member's CRC; shapes are checked here and finite values by the matcher.
+        each member's CRC; types and shapes are checked here and finite values by the matcher.
+        Descriptors stored as float16 or int8 are decoded to float32.
         """
         entry = self._read_journal(image_id, KEYPOINT_FIELDS)
+        if entry is None:
+            entry = self._read_datasets(image_id, KEYPOINT_FIELDS)
+        if "locations" not in entry or "descriptors" not in entry:
+            raise self._damaged(image_id, "journal entry", "no locations or descriptors")
+        keypoints = check_keypoints(entry["locations"], entry["descriptors"], entry.get("descriptor_scales"))
+        if isinstance(keypoints, str):
+            raise self._damaged(image_id, "arrays", keypoints)
+        return keypoints
+
+    def global_descriptor(self, image_id: str) -> np.ndarray:
+        """The global descriptor of one image, (G,) float32 as stored, read alone.
+
+        NoGlobalDescriptorError (an InputError) when the image has none; DamagedImageError when it
+        is damaged: HDF5's fletcher32 or the journal's zip CRC check the bytes read, then type,
+        shape and finite values are checked. A dataset without fletcher32 (a store rewritten by
+        other tools) is verified by reading the whole image (`stored`, its checksum).
+        """
+        entry = self._read_journal(image_id, ("global_descriptor", "image_size"))
         if entry is None:
             group = self._group(image_id)
             if group is None:
                 raise self._missing(image_id)
             try:
-                entry = {name: group[name][()] for name in KEYPOINT_FIELDS}
+                dataset = group.get("global_descriptor")
+                if dataset is not None and not dataset.fletcher32:
+                    entry = {"global_descriptor": self.stored(image_id, journal=False).global_descriptor}
+                else:
+                    entry = {} if dataset is None else {"global_descriptor": dataset[()]}
             except _READ_ERRORS as error:
                 raise self._damaged(image_id, "HDF5 group", error) from None
-        if any(name not in entry for name in KEYPOINT_FIELDS):
-            raise self._damaged(image_id, "journal entry", "no locations or descriptors")
-        locations, descriptors = entry["locations"], entry["descriptors"]
-        if (locations.dtype != np.float32 or descriptors.dtype != np.float32 or locations.ndim != 2
-                or locations.shape[1] != 2 or descriptors.ndim != 2 or len(descriptors) != len(locations)):
-            raise self._damaged(image_id, "arrays", f"locations {locations.dtype} {locations.shape}, "
-                                f"descriptors {descriptors.dtype} {descriptors.shape}")
-        return Keypoints(locations, descriptors)
+        elif "image_size" not in entry:
+            raise self._damaged(image_id, "journal entry", "no image_size")
+        if "global_descriptor" not in entry:
+            raise NoGlobalDescriptorError(f"image {image_id!r} of feature store {self.path} has no global "
+                                          "descriptor (its features were extracted without a DELG global head)")
+        try:
+            return check_global_descriptor(image_id, entry["global_descriptor"], DamagedImageError, stored=True)
+        except DamagedImageError as error:
+            raise self._damaged(image_id, "arrays", error) from None
+
+    def _read_datasets(self, image_id: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The datasets `names` (those present) of an image's HDF5 group."""
+        group = self._group(image_id)
+        if group is None:
+            raise self._missing(image_id)
+        try:
+            return {name: group[name][()] for name in names if name in group}
+        except _READ_ERRORS as error:
+            raise self._damaged(image_id, "HDF5 group", error) from None
 
     def attributes(self, image_id: str) -> dict:
         """image_size (h, w), settings_hash and num_features of one stored image (not verified)."""
@@ -388,10 +445,16 @@ class FeatureStore:
     # -- writing -----------------------------------------------------------------------------
 
     def put(
-        self, image_id: str, features: LocalFeatures, *, image_size: tuple[int, int], settings_hash: str
+        self, image_id: str, features: LocalFeatures, *, image_size: tuple[int, int], settings_hash: str,
+        global_descriptor: np.ndarray | None = None, descriptor_dtype: str = "float32",
     ) -> None:
-        """Store one image's features atomically (as a journal entry); replaces an older entry."""
-        features = check_features(image_id, features)
+        """Store one image's features atomically (as a journal entry); replaces an older entry.
+
+        `global_descriptor`: the image's (G,) global descriptor (DELG), stored and checksummed
+        with it. `descriptor_dtype`: how the local descriptors are stored (float32, float16 or
+        int8: features.py); readers get float32 either way.
+        """
+        stored = encode_features(image_id, check_features(image_id, features), descriptor_dtype, global_descriptor)
         height, width = (int(v) for v in image_size)
         if height <= 0 or width <= 0:
             raise InputError(f"image_size of {image_id!r} must be positive (h, w), got {image_size}")
@@ -401,11 +464,11 @@ class FeatureStore:
         with atomic_output(self._journal_path(image_id)) as temporary, open(temporary, "wb") as file:
             np.savez(
                 file,
-                **features._asdict(),
+                **stored.arrays(),
                 image_id=np.array(image_id),
                 image_size=np.array([height, width], dtype=np.int64),
                 settings_hash=np.array(settings_hash),
-                checksum=np.array(features_checksum(features, (height, width), settings_hash)),
+                checksum=np.array(features_checksum(stored, (height, width), settings_hash)),
             )
         self._written = True
 
@@ -586,7 +649,7 @@ def _is_hdf5(path: Path) -> bool:
 def _write_group(new: h5py.File, image_id: str, record: StoredImage) -> None:
     """One verified image as a group: fletcher32 datasets, attributes and the checksum."""
     group = new.create_group(_encode_id(image_id))
-    for name, array in zip(FIELDS, record.features, strict=True):
+    for name, array in record.arrays.arrays().items():
         # HDF5 checks fletcher32 on every read. One chunk per array: h5py's default splits 1000 x 40
         # descriptors into 16 chunks, each checked and looked up apart (reads measured ~30 % slower).
         group.create_dataset(name, data=array, fletcher32=True, chunks=array.shape if array.size else True)
@@ -594,4 +657,4 @@ def _write_group(new: h5py.File, image_id: str, record: StoredImage) -> None:
     group.attrs["image_size"] = np.array(record.image_size, dtype=np.int64)
     group.attrs["settings_hash"] = record.settings_hash
     group.attrs["num_features"] = record.features.locations.shape[0]
-    group.attrs["checksum"] = features_checksum(record.features, record.image_size, record.settings_hash)
+    group.attrs["checksum"] = features_checksum(record.arrays, record.image_size, record.settings_hash)

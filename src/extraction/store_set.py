@@ -20,7 +20,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
 from src.extraction.features import Keypoints, LocalFeatures
-from src.extraction.store import FAILURES_SUFFIX, JOURNAL_SUFFIX, FeatureStore
+from src.extraction.store import FAILURES_SUFFIX, JOURNAL_SUFFIX, FeatureStore, StoredImage
 
 
 def _npz_path(output_dir: Path, image_id: str) -> Path:
@@ -39,8 +39,9 @@ def require_store(path: str | os.PathLike) -> Path:
 
 
 def export_npz(store_path: str | os.PathLike, output_dir: str | os.PathLike) -> int:
-    """Write one `<image_id>.npz` (locations, scales, descriptors, attention) per stored image
-    (of a store, or of all shards of one: see open_store).
+    """Write one `<image_id>.npz` (locations, scales, descriptors, attention, all float32, and
+    global_descriptor when the image has one) per stored image (of a store, or of all shards of
+    one: see open_store).
 
     Ids containing '/' become sub-directories. Returns the number of files written.
     """
@@ -51,7 +52,9 @@ def export_npz(store_path: str | os.PathLike, output_dir: str | os.PathLike) -> 
             target = _npz_path(output_dir, image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(target) as temporary, open(temporary, "wb") as file:
-                np.savez(file, **store.get(image_id)._asdict())
+                record = store.stored(image_id)
+                extra = {} if record.global_descriptor is None else {"global_descriptor": record.global_descriptor}
+                np.savez(file, **record.features._asdict(), **extra)
     return len(image_ids)
 
 
@@ -128,6 +131,12 @@ class ShardedFeatureStore:
 
     def state(self) -> str:
         return "\n".join(shard.state() for shard in self.shards)
+
+    def stored(self, image_id: str) -> StoredImage:
+        return self._shard(image_id).stored(image_id)
+
+    def global_descriptor(self, image_id: str) -> np.ndarray:
+        return self._shard(image_id).global_descriptor(image_id)
 
     def attributes(self, image_id: str) -> dict:
         return self._shard(image_id).attributes(image_id)
