@@ -50,10 +50,10 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     work_dir, output_dir = Path(work_dir), Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
     exported, network = model_id(mindir_path), model_network(mindir_path)
     check_run(network, config, input_mode)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     pca = load_pca(config) if config.use_pca else None
     done_hash = settings_hash(config, exported, input_mode, pca)
     with contextlib.ExitStack() as stack:

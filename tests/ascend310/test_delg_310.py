@@ -34,7 +34,7 @@ def test_exact_inputs_give_the_features_of_direct_extraction(random_delg_model, 
     work = tmp_path / "work"
     with pytest.raises(InputError, match="canvas inputs do not suit this delg model .* pools the whole map"):
         run_chunked(jobs, CONFIG, delg_mindir, make_runner(delg_mindir), work, tmp_path / "canvas", "canvas")
-    assert not work.exists()  # refused before any image was prepared
+    assert not work.exists() and not (tmp_path / "canvas").exists()  # refused before anything was written
     reports = run_chunked(jobs, CONFIG, delg_mindir, make_runner(delg_mindir), work, tmp_path / "features",
                           chunk_size=1, progress=False)
     assert reports[DEFAULT_STORE].extracted == 2 and not reports[DEFAULT_STORE].failed
