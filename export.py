@@ -1,11 +1,14 @@
-"""Export the DELF extraction network (DelfModel "test": image -> attention, block3) as MindIR or ONNX.
+"""Export the DELF or DELG extraction network as MindIR or ONNX: image -> attention, local descriptors
+(DELF: block3; DELG: the autoencoder's code) and, for DELG, the raw global descriptor (the checkpoint
+records which network it holds).
 
 Input shapes (--input_shape; docs/export-310.md, "Input shapes"):
 
 - dynamic (MINDIR default): one `<file_name>.mindir` taking (1, 3, H, W) for any H, W. Run at each
   pyramid level's own size, it gives exactly the features of direct extraction.
-- static: one model per pyramid scale, `<file_name>_<S>x<S>.<ext>`, for devices that need fixed
-  shapes (Ascend 310) and for ONNX, whose MindSpore exporter has no dynamic shapes. The canvas
+- static (DELF, Keras layout only): one model per pyramid scale, `<file_name>_<S>x<S>.<ext>`, for
+  devices that need fixed shapes (Ascend 310) and for ONNX, whose MindSpore exporter has no dynamic
+  shapes. DELG refuses it: its global descriptor pools the whole map, canvas padding included. The canvas
   side S of a scale follows from extraction.max_image_size (src/ascend310/preprocess.py canvas_sides);
   `src.preprocess --input_mode canvas` pads every level onto it.
 
@@ -31,7 +34,7 @@ from model_utils.files import require_writable
 from src.ascend310.preprocess import canvas_sides, place_on_canvas
 from src.extraction.images import load_image, resize_image
 from src.extraction.pyramid import normalize_images
-from src.model.export import FORMATS, INPUT_SHAPES, export_network, export_paths, max_difference
+from src.model.export import FORMATS, INPUT_SHAPES, OUTPUT_NAMES, export_network, export_paths, max_difference
 from src.model.weights import build_extraction_model
 
 
@@ -47,9 +50,9 @@ def _verification_input(image_path: str, size: tuple[int, int] | None) -> np.nda
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export the DELF extraction network (image -> attention scores, "
-                                     "block3 features) as MindIR or ONNX.")
-    parser.add_argument("--ckpt_path", required=True, help="trained DELF checkpoint (.ckpt)")
+    parser = argparse.ArgumentParser(description="Export the DELF or DELG extraction network (image -> attention "
+                                     "scores, local descriptors[, global descriptor]) as MindIR or ONNX.")
+    parser.add_argument("--ckpt_path", required=True, help="trained DELF or DELG checkpoint (.ckpt)")
     parser.add_argument("--file_name", default="DELF_MindIR", help="output path without suffix")
     parser.add_argument("--file_format", choices=tuple(FORMATS), default="MINDIR", help="MINDIR or ONNX")
     parser.add_argument("--input_shape", choices=INPUT_SHAPES, default="auto",
@@ -76,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.verify_image:
         for path, size in zip(written, sizes or [None] * len(written), strict=True):
-            difference = max_difference(model, path, _verification_input(args.verify_image, size))
-            print(f"{path.name}: largest difference to the framework: attention {difference[0]:.3g}, "
-                  f"features {difference[1]:.3g}")
+            differences = max_difference(model, path, _verification_input(args.verify_image, size))
+            print(f"{path.name}: largest difference to the framework: "
+                  + ", ".join(f"{name} {value:.3g}" for name, value in zip(OUTPUT_NAMES, differences, strict=False)))
     return 0
 
 

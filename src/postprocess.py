@@ -21,7 +21,7 @@ from model_utils.files import require_writable, require_writable_dir  # noqa: E4
 from src.ascend310.driver import print_summary  # noqa: E402
 from src.ascend310.postprocess import postprocess  # noqa: E402
 from src.ascend310.protocol import work_dir_lock  # noqa: E402
-from src.ascend310.runner import model_backbone, model_id  # noqa: E402
+from src.ascend310.runner import model_id, model_network  # noqa: E402
 
 
 @cli_main
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_path or None)
     with work_dir_lock(args.work_path):
         reports = postprocess(args.work_path, args.output_dir, config.extraction, model_id(args.mindir_path),
-                              keep_outputs=args.keep_outputs, backbone=model_backbone(args.mindir_path))
+                              keep_outputs=args.keep_outputs, network=model_network(args.mindir_path))
     return print_summary(reports, args.output_dir, config.skip_bad_images)
 
 

@@ -53,3 +53,35 @@ def random_model(random_checkpoint):
                           required_prefixes=("backbone.", "attention."))
     network.set_train(False)
     return network
+
+
+@pytest.fixture(scope="session")
+def random_delg_checkpoint(tmp_path_factory, images_dir) -> Path:
+    """A DELG checkpoint (Keras ResNet50) with seeded random weights, its attention spread over (0.01, 4)
+    on a photo (random weights alone give attention 0 everywhere), in the format training writes."""
+    import mindspore
+    from random_weights import randomize, spread_attention
+
+    from src.extraction.images import load_image
+    from src.extraction.pyramid import normalize_images
+    from src.model.delg import DelgModel
+    from src.model.weights import model_record
+
+    model = DelgModel("test")
+    randomize(model, seed=5)
+    model.set_train(False)
+    photo = load_image(images_dir / "sacre_coeur1.jpg")[100:229, 150:311]
+    spread_attention(model, mindspore.Tensor(normalize_images(photo[None])))
+    path = tmp_path_factory.mktemp("checkpoint") / "delg_random.ckpt"
+    mindspore.save_checkpoint(model, str(path), append_dict=model_record(model))
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_delg_model(random_delg_checkpoint):
+    """The network of `random_delg_checkpoint`, loaded as extraction loads it."""
+    from src.model.weights import build_model
+
+    network = build_model("test", weights_path=str(random_delg_checkpoint), required_prefixes=("",))
+    network.set_train(False)
+    return network

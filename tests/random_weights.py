@@ -21,3 +21,15 @@ def randomize(model: nn.Cell, seed: int = 0) -> dict[str, np.ndarray]:
         param.set_data(Tensor(value))
         values[param.name] = value
     return values
+
+
+def spread_attention(model: nn.Cell, images: Tensor) -> None:
+    """Rescale the last attention conv of a DELG model so that its scores on `images` have mean 0 and
+    std 2: softplus then spans about (0.01, 4), where every digit of the attention counts (random
+    weights alone give scores far below 0, where softplus is 0 in float32)."""
+    _, reconstruction = model.autoencoder(model.backbone(images))
+    attention = model.attention
+    scores = attention.conv2(attention.relu(attention.bn_conv1(attention.conv1(reconstruction)))).asnumpy()
+    gain = 2.0 / scores.std()
+    attention.conv2.weight.set_data(Tensor(attention.conv2.weight.asnumpy() * gain))
+    attention.conv2.bias.set_data(Tensor(((attention.conv2.bias.asnumpy() - scores.mean()) * gain).astype(np.float32)))

@@ -2,7 +2,8 @@
  * The runner's side of the file protocol of src/ascend310/protocol.py.
  *
  * Input:  <input_dir>/<stem>_<H>x<W>.bin   raw float32, shape (1, 3, H, W); consumed (deleted).
- * Output: <output_dir>/<stem>_<H>x<W>_attention.bin (1, 1, h, w) and ..._features.bin (1, D, h, w).
+ * Output: every output of the network, in its order: <output_dir>/<stem>_<H>x<W>_attention.bin
+ *         (1, 1, h, w), ..._features.bin (1, D, h, w) and, for DELG, ..._global.bin (1, G).
  * Files are written under a hidden temporary name and renamed, so a reader never sees half a file.
  *
  * Nothing here depends on MindSpore: the loop takes the network as a callback.
@@ -18,7 +19,9 @@
 
 namespace delf {
 
-extern const char *const kOutputSuffixes[2];  // attention, features: the network's outputs in order
+constexpr size_t kMaxOutputs = 3;
+// attention, features, global: the network's outputs in order (DELF gives the first 2, DELG all 3)
+extern const char *const kOutputSuffixes[kMaxOutputs];
 
 struct InputFile {
   std::string name;  // e.g. 000003_l2_362x512.bin
@@ -50,8 +53,8 @@ struct OutputBuffer {
   size_t size = 0;
 };
 
-// Runs the network on one input (1, 3, H, W); fills two outputs (attention, features), whose
-// memory must stay valid until the next call.
+// Runs the network on one input (1, 3, H, W); fills its outputs (attention, features[, global]),
+// whose memory must stay valid until the next call.
 using RunNetwork = std::function<bool(const InputFile &input, const std::vector<float> &data,
                                       std::vector<OutputBuffer> *outputs, std::string *error)>;
 

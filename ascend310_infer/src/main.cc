@@ -1,13 +1,15 @@
 /**
- * DELF on Ascend 310: runs the exported DELF network once over the pyramid-level files in
- * --input_path (src/ascend310/preprocess.py) and writes the attention and block3 maps for
- * src/ascend310/postprocess.py (the protocol of src/ascend310/protocol.py, see inc/utils.h).
+ * DELF / DELG on Ascend 310: runs the exported network once over the pyramid-level files in
+ * --input_path (src/ascend310/preprocess.py) and writes every output (attention and local
+ * descriptor maps; DELG's raw global descriptor too) for src/ascend310/postprocess.py (the
+ * protocol of src/ascend310/protocol.py, see inc/utils.h).
  * Exit status: 0; 1 when some input files failed (one "error: <file>: ..." line each on stderr,
  * the others are run); 2 when it cannot run at all (usage, unreadable MindIR, unwritable output).
  *
  * Model for an H x W input: <prefix>_<H>x<W>.mindir when export.py --input_shape static wrote
  * it, else the dynamic <prefix>.mindir built with its input fixed to 1x3xHxW (one build per
- * distinct shape, so use preprocess --input_mode canvas here: a few shapes, not one per image).
+ * distinct shape, so use preprocess --input_mode canvas here: a few shapes, not one per image;
+ * DELG has no static export, so its dynamic model is built for every level size it meets).
  *
  * Usage: main --mindir_path=DELF_MindIR.mindir --input_path=WORK/inputs --output_path=WORK/outputs
  *             [--device_id=0]

@@ -15,7 +15,7 @@
 
 namespace delf {
 
-const char *const kOutputSuffixes[2] = {"_attention.bin", "_features.bin"};
+const char *const kOutputSuffixes[kMaxOutputs] = {"_attention.bin", "_features.bin", "_global.bin"};
 
 bool ParseInputName(const std::string &name, InputFile *file) {
   static const std::regex pattern(R"(^([^.].*)_([0-9]+)x([0-9]+)\.bin$)");
@@ -112,7 +112,7 @@ namespace {
 
 enum class Result { kDone, kFailed, kStop };
 
-// One input file: read, run, write both outputs, delete it. Otherwise `error` starts with the file's path.
+// One input file: read, run, write every output, delete it. Otherwise `error` starts with the file's path.
 Result RunOne(const std::string &input_dir, const std::string &output_dir, const std::string &name,
               const RunNetwork &run, std::vector<float> *data, std::vector<OutputBuffer> *outputs,
               std::string *error) {
@@ -130,9 +130,9 @@ Result RunOne(const std::string &input_dir, const std::string &output_dir, const
     *error = input_path + ": " + *error;
     return Result::kFailed;
   }
-  if (outputs->size() != 2) {
+  if (outputs->size() < 2 || outputs->size() > kMaxOutputs) {
     *error = input_path + ": the network gave " + std::to_string(outputs->size()) +
-             " outputs, expected 2 (attention, features)";
+             " outputs, expected 2 (attention, features: DELF) or 3 (and the global descriptor: DELG)";
     return Result::kFailed;
   }
   const std::string base = name.substr(0, name.size() - 4);

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from model_utils.cli import report_failures
 from model_utils.config import ExtractionConfig
-from src.ascend310.postprocess import settings_hash, store_outputs
+from src.ascend310.postprocess import check_run, settings_hash, store_outputs
 from src.ascend310.preprocess import Job, preprocess
 from src.ascend310.protocol import INPUTS_DIR, OUTPUTS_DIR, clear_work_dir, read_manifest, work_dir_lock
-from src.ascend310.runner import ModelSet, model_backbone, model_id, run_binary, run_inference
+from src.ascend310.runner import ModelSet, model_id, model_network, run_binary, run_inference
 from src.extraction.extractor import FAILURES_SUFFIX, ExtractionReport, write_failures
 from src.extraction.pca import load_pca
 from src.extraction.store import FeatureStore
@@ -50,9 +50,10 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     work_dir, output_dir = Path(work_dir), Path(output_dir)
+    exported, network = model_id(mindir_path), model_network(mindir_path)
+    check_run(network, config, input_mode)
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    exported, backbone = model_id(mindir_path), model_backbone(mindir_path)
     pca = load_pca(config) if config.use_pca else None
     done_hash = settings_hash(config, exported, input_mode, pca)
     with contextlib.ExitStack() as stack:
@@ -73,7 +74,7 @@ def run_chunked(jobs: Sequence[Job], config: ExtractionConfig, mindir_path: str 
                     preprocess(chunk, config, work_dir, input_mode, progress=False)
                     runner_failures = runner(work_dir / INPUTS_DIR, work_dir / OUTPUTS_DIR)
                     chunk_reports = store_outputs(read_manifest(work_dir), work_dir / OUTPUTS_DIR, stores, config,
-                                                  pca, exported, runner_failures, backbone)
+                                                  pca, exported, runner_failures, network)
                 finally:
                     clear_work_dir(work_dir)
                 for name, report in chunk_reports.items():

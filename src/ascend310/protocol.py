@@ -3,7 +3,8 @@ r"""The files the Ascend-310 stages hand over in a work directory (the runner's 
     <work>/inputs/<image>_l<level>_<H>x<W>.bin    raw float32 (1, 3, H, W), written by preprocess,
                                                   deleted by the runner once its outputs are written
     <work>/outputs/<image>_l<level>_<H>x<W>_attention.bin  (1, 1, h, w)  \  the runner's outputs,
-    <work>/outputs/<image>_l<level>_<H>x<W>_features.bin   (1, D, h, w)  /  in the network's order
+    <work>/outputs/<image>_l<level>_<H>x<W>_features.bin   (1, D, h, w)   | in the network's order:
+    <work>/outputs/<image>_l<level>_<H>x<W>_global.bin     (1, G)        /  DELF gives 2, DELG all 3
     <work>/manifest.json                          what postprocess needs to turn outputs into features
 
 The manifest lists every image of the run: {image_id, store, path} and either {image_size, levels:
@@ -29,7 +30,9 @@ INPUTS_DIR = "inputs"
 OUTPUTS_DIR = "outputs"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "delf-310-v2"
-OUTPUT_SUFFIXES = ("_attention.bin", "_features.bin")
+# Every output of the network, in its order: attention, local descriptors, and DELG's raw global descriptor.
+OUTPUT_SUFFIXES = ("_attention.bin", "_features.bin", "_global.bin")
+OUTPUT_COUNTS = {"delf": 2, "delg": 3}  # outputs of the exported network of each model kind
 OWNER_NAME = ".owner"  # who holds the work folder, while a run holds it
 INPUT_NAME = re.compile(r"^(?P<stem>[^.].*)_(?P<height>\d+)x(?P<width>\d+)\.bin$")
 
@@ -44,10 +47,14 @@ def parse_input_name(name: str) -> tuple[str, int, int] | None:
     return (match["stem"], int(match["height"]), int(match["width"])) if match else None
 
 
-def output_paths(outputs_dir: Path, input_file: str) -> tuple[Path, Path]:
-    """(attention, features) output files of one input file."""
+def output_paths(outputs_dir: Path, input_file: str, count: int = 2) -> tuple[Path, ...]:
+    """The output files of one input file for a network with `count` outputs: (attention, features)
+    or (attention, features, global)."""
+    if not 2 <= count <= len(OUTPUT_SUFFIXES):
+        raise InputError(f"{input_file}: the network gave {count} outputs; expected 2 (attention, local "
+                         "descriptors; DELF) or 3 (and the global descriptor; DELG)")
     stem = input_file[: -len(".bin")]
-    return tuple(outputs_dir / (stem + suffix) for suffix in OUTPUT_SUFFIXES)
+    return tuple(outputs_dir / (stem + suffix) for suffix in OUTPUT_SUFFIXES[:count])
 
 
 def write_manifest(work_dir: Path, input_mode: str, images: list[dict]) -> None:

@@ -3,8 +3,8 @@
 Two runners follow the same protocol (src/ascend310/protocol.py): `run_inference` does with
 MindSpore's Python API (mindspore.load + nn.GraphCell) on any device what the C++ binary of
 ascend310_infer/ does on Ascend 310, and `run_binary` starts that binary. Each runs every input
-file present once, writes its two outputs atomically and deletes it; a file that fails is
-reported and skipped, so one bad image does not stop the others.
+file present once, writes every output of the network atomically (DELF 2, DELG 3) and deletes it;
+a file that fails is reported and skipped, so one bad image does not stop the others.
 
 The model for an H x W input is `<prefix>_<H>x<W>.mindir` when export.py wrote that static
 model, else the dynamic-shape `<prefix>.mindir` (prefix = MINDIR path without `.mindir`).
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.files import atomic_write_bytes
 from src.ascend310.protocol import output_paths, parse_input_name
-from src.model.export import exported_backbone, load_mindir
+from src.model.export import exported_network, load_mindir
+from src.model.network import NetworkSpec
 from src.model.weights import checkpoint_id
 
 LOGGER = logging.getLogger("delf.infer_mindir")
@@ -50,9 +51,10 @@ def model_files(mindir_path: str | Path) -> list[Path]:
     return files
 
 
-def model_backbone(mindir_path: str | Path) -> str:
-    """The backbone layout the export was made with (it fixes the map size of every input size)."""
-    return exported_backbone(model_files(mindir_path)[0])
+def model_network(mindir_path: str | Path) -> NetworkSpec:
+    """The network the export was made from: its backbone layout fixes the map size of every input
+    size, its kind the outputs."""
+    return exported_network(model_files(mindir_path)[0])
 
 
 def model_id(mindir_path: str | Path) -> str:
@@ -106,7 +108,7 @@ def infer_file(models: ModelSet, input_path: Path, output_dir: Path) -> None:
         raise InputError(f"{input_path}: not an input file name <stem>_<H>x<W>.bin")
     _, height, width = parsed
     outputs = models.for_shape(height, width)(Tensor(read_input(input_path, height, width)))
-    for output, target in zip(outputs, output_paths(output_dir, input_path.name), strict=True):
+    for output, target in zip(outputs, output_paths(output_dir, input_path.name, len(outputs)), strict=True):
         atomic_write_bytes(target, np.ascontiguousarray(output.asnumpy(), dtype=np.float32).tobytes())
     input_path.unlink()
 

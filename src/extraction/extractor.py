@@ -1,8 +1,15 @@
-"""Multi-scale DELF feature extraction: image -> pyramid -> DelfModel -> keypoints -> PCA -> store.
+"""Multi-scale DELF / DELG feature extraction: image -> pyramid -> network -> keypoints -> PCA -> store.
 
-Each pyramid level runs at its own size (no fixed canvas). The output of every image is a
-`LocalFeatures`: locations (N, 2) as (y, x) in original-image pixels, descriptors (N, 40),
-scales (N,) = 1 / pyramid scale, attention (N,).
+Each pyramid level runs at its own size (no fixed canvas). The output of every image is an
+`ImageFeatures`: its `LocalFeatures` (locations (N, 2) as (y, x) in original-image pixels,
+descriptors (N, D), scales (N,) = 1 / pyramid scale, attention (N,)) and, for a DELG model, its
+global descriptor.
+
+DELG (src/model/delg.py) runs once per level and gives every output in that pass: the local
+descriptors are its autoencoder code, L2-normalised, never PCA-projected (a DELG model with
+extraction.use_pca true is refused); the global descriptor comes from the levels of
+extraction.global_scale_indices only, as TF DELG's extractor makes it: each level's raw row
+L2-normalised, summed, L2-normalised.
 
 A folder is extracted image by image into a resumable feature store; an image that cannot be
 read or processed is reported (and listed in `<store>.failures.txt`), never recorded as done,
@@ -34,6 +41,7 @@ from src.extraction.keypoints import select_keypoints
 from src.extraction.pca import PcaParameters, load_pca, pca_digest, postprocess_descriptors
 from src.extraction.pyramid import LevelInput, PyramidLevel, pyramid_inputs, read_for_pyramid
 from src.extraction.store import FAILURES_SUFFIX, FeatureStore
+from src.model.delg import combine_global_descriptors
 from src.model.network import min_input_side
 from src.model.shapes import set_input_shapes
 
@@ -47,8 +55,27 @@ def empty_features(depth: int) -> LocalFeatures:
                          np.zeros((0, depth), np.float32), np.zeros(0, np.float32))
 
 
+class ImageFeatures(NamedTuple):
+    """What extraction gives for one image."""
+
+    local: LocalFeatures
+    global_descriptor: np.ndarray | None  # (G,) float32 of unit L2 norm (DELG); None for DELF
+
+
+def check_model_settings(kind: str, config: ExtractionConfig, source: str = "") -> None:
+    """InputError (one line) when the extraction settings do not suit a model of this kind ('delf'
+    or 'delg'). DELG: no PCA (its local descriptors are the autoencoder's code, which TF's DELG
+    configs use as is), and every global scale index must lie in the pyramid."""
+    if kind != "delg":
+        return
+    if config.use_pca:
+        raise InputError(f"{source or 'the model'} is a DELG model: its local descriptors are the autoencoder's "
+                         "code, used without PCA; set extraction.use_pca false (the DELG presets do)")
+    config.global_image_scales()  # ConfigError naming the index past the pyramid
+
+
 class DelfExtractor:
-    """Runs the network over the pyramid of one image and turns the maps into LocalFeatures.
+    """Runs the network (DELF or DELG) over the pyramid of one image and turns its outputs into ImageFeatures.
 
     In graph mode the network is compiled once for every image size (input_shapes 'dynamic',
     src/model/shapes.py) unless input_shapes is 'static'.
@@ -61,6 +88,8 @@ class DelfExtractor:
         self.config = config
         self.pca = pca
         self.min_side = min_input_side(getattr(model, "backbone_name", "keras"))
+        self.kind = getattr(model, "kind", "delf")
+        check_model_settings(self.kind, config)
 
     def inputs(self, image: np.ndarray, name: str = "", full_size: tuple[int, int] | None = None
                ) -> list[LevelInput]:
@@ -78,34 +107,40 @@ class DelfExtractor:
         return self.inputs(image, str(path), size), size
 
     def run_network(self, inputs: Sequence[LevelInput]) -> list[PyramidLevel]:
-        """Attention and block3 maps of every level input."""
+        """The network's outputs on every level input, one pass each: attention and local-descriptor
+        maps, and DELG's raw global descriptor."""
         levels = []
         for level in inputs:
-            attention, features = self.model(Tensor(level.image))
-            levels.append(PyramidLevel(level.scale, level.scale_yx, attention.asnumpy()[0, 0],
-                                       features.asnumpy()[0]))
+            outputs = self.model(Tensor(level.image))
+            global_row = outputs[2].asnumpy()[0] if len(outputs) > 2 else None
+            levels.append(PyramidLevel(level.scale, level.scale_yx, outputs[0].asnumpy()[0, 0], outputs[1].asnumpy()[0],
+                                       global_descriptor=global_row))
         return levels
 
     def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:
-        """Attention and block3 maps of every usable scale; locations refer to `image`'s pixels."""
+        """The network's outputs at every usable scale; locations refer to `image`'s pixels."""
         return self.run_network(self.inputs(image, name))
+
+    def image_features(self, inputs: Sequence[LevelInput], name: str = "") -> ImageFeatures:
+        """ImageFeatures of one image from its level inputs (`inputs`)."""
+        return image_features_from_levels(self.run_network(inputs), self.config, self.pca, self.kind, name)
 
     def features(self, inputs: Sequence[LevelInput], name: str = "") -> LocalFeatures:
         """LocalFeatures of one image from its level inputs (`inputs`)."""
-        return features_from_levels(self.run_network(inputs), self.config, self.pca, name)
+        return self.image_features(inputs, name).local
 
     def __call__(self, image: np.ndarray, name: str = "") -> LocalFeatures:
         return self.features(self.inputs(image, name), name)
 
     def extract_file(self, path: Path, crop: Sequence[float] | None = None) -> tuple[LocalFeatures, tuple[int, int]]:
-        """Features of an image file (of its [x1, y1, x2, y2] `crop`) and the (h, w) they refer to."""
+        """Local features of an image file (of its [x1, y1, x2, y2] `crop`) and the (h, w) they refer to."""
         inputs, size = self.file_inputs(path, crop)
         return self.features(inputs, str(path)), size
 
 
 def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
                          name: str = "") -> LocalFeatures:
-    """Keypoints and final descriptors of one image from its pyramid maps (also the 310 postprocess)."""
+    """Keypoints and final local descriptors of one image from its pyramid maps."""
     if not levels:  # no level the network could run on (pyramid.level_sizes warned)
         return empty_features(config.pca_dim if pca is not None else config.feature_depth)
     for level in levels:
@@ -118,6 +153,31 @@ def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfi
                        "extraction.score_threshold for this model", name or "image", config.score_threshold)
     descriptors = postprocess_descriptors(descriptors, pca, config.pca_dim, config.use_whitening)
     return LocalFeatures(locations, scales, descriptors, attention)
+
+
+def global_descriptor_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig,
+                                  name: str = "") -> np.ndarray:
+    """An image's DELG global descriptor from the raw rows of its levels at the global scales
+    (extraction.global_scale_indices); InputError when none of them could run (too small an image)."""
+    global_scales = config.global_image_scales()
+    rows = [level.global_descriptor for level in levels if level.scale in global_scales]
+    if not rows:
+        raise InputError(f"{name or 'image'}: no global descriptor: none of the global scales "
+                         f"{', '.join(f'{scale:g}' for scale in global_scales)} could run (the image is too small)")
+    if any(row is None for row in rows):
+        raise InputError(f"{name or 'image'}: the network gave no global descriptor (not a DELG network)")
+    if not all(np.isfinite(row).all() for row in rows):
+        raise InputError(f"{name or 'image'}: the network gave a non-finite global descriptor (are the weights "
+                         "damaged?)")
+    return combine_global_descriptors(np.stack(rows))
+
+
+def image_features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
+                               kind: str = "delf", name: str = "") -> ImageFeatures:
+    """ImageFeatures of one image from its pyramid outputs (also the 310 postprocess); `kind` is the
+    network's ('delg': with its global descriptor)."""
+    global_descriptor = global_descriptor_from_levels(levels, config, name) if kind == "delg" else None
+    return ImageFeatures(features_from_levels(levels, config, pca, name), global_descriptor)
 
 
 def extract(images: Iterable[np.ndarray], model, config: ExtractionConfig,
@@ -238,22 +298,22 @@ def extract_to_store(image_paths: Mapping[str, Path], store: FeatureStore, extra
         try:
             if prepared.error is not None:
                 raise prepared.error
-            features = extractor.features(prepared.inputs, name=str(path))
+            features = extractor.image_features(prepared.inputs, name=str(path))
         except IMAGE_ERRORS as error:
             # One bad image (corrupt, too large, a network failure on its sizes) must not end a long run.
             report.failed[image_id] = failure_reason(path, error)
             LOGGER.error("%s failed: %s", image_id, report.failed[image_id])
             continue
         try:
-            store.put(image_id, features, image_size=prepared.image_size, settings_hash=settings_hash,
-                      descriptor_dtype=extractor.config.descriptor_dtype)
+            store.put(image_id, features.local, image_size=prepared.image_size, settings_hash=settings_hash,
+                      global_descriptor=features.global_descriptor, descriptor_dtype=extractor.config.descriptor_dtype)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InputError(f"no space left on device while writing {store.path}; "
                                  f"{report.extracted + report.skipped} images are safely stored; "
                                  "free space and rerun to resume") from None
             raise
-        LOGGER.info("%s: %d features", image_id, len(features.locations))
+        LOGGER.info("%s: %d features", image_id, len(features.local.locations))
         report.extracted += 1
     return report
 

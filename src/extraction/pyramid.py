@@ -36,7 +36,8 @@ class PyramidLevel(NamedTuple):
     scale: float  # nominal pyramid scale, e.g. 0.7071
     scale_yx: tuple[float, float]  # actual factors level_size / original_image_size (y, x)
     attention: np.ndarray  # (h, w) attention scores of this level
-    features: np.ndarray  # (D, h, w) block3 features of this level (channel first)
+    features: np.ndarray  # (D, h, w) local descriptors of this level (channel first): block3, or DELG's code
+    global_descriptor: np.ndarray | None = None  # (G,) raw global descriptor of this level (DELG), else None
 
 
 class LevelInput(NamedTuple):

@@ -1,6 +1,6 @@
 """Exporting the extraction network (DelfModel "test": image -> attention, block3; DelgModel "test":
-image -> attention, local descriptors, global descriptor) as MindIR or ONNX, and running an exported
-file to check it against the framework.
+image -> attention, local descriptors, raw global descriptor) as MindIR or ONNX, and running an
+exported file to check it against the framework.
 
 Input shapes: one dynamic-H/W MindIR (each pyramid level at its own size, exactly the features of
 direct extraction), or one static model per distinct (H, W) for devices that need fixed shapes
@@ -43,7 +43,7 @@ def export_paths(file_name: str | Path, file_format: str = "MINDIR",
 
 def export_network(model, file_name: str | Path, file_format: str = "MINDIR",
                    input_sizes: list[tuple[int, int]] | None = None) -> list[Path]:
-    """Export `model` (DelfModel "test", native convolutions); returns the written files.
+    """Export `model` (DelfModel or DelgModel "test", native convolutions; every output); returns the written files.
 
     input_sizes None: one dynamic-H/W model `<file_name>.mindir`; otherwise one static model per
     distinct (H, W), `<file_name>_<H>x<W>.<ext>`.
@@ -122,8 +122,12 @@ def load_mindir(path: str | Path):
     return nn.GraphCell(graph)
 
 
-def run_exported(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(attention, features) of an exported file on a (1, 3, H, W) float32 batch.
+OUTPUT_NAMES = ("attention", "features", "global")  # the outputs of the "test" networks, in order (DELF: 2)
+
+
+def run_exported(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every output of an exported file on a (1, 3, H, W) float32 batch: (attention, features) for
+    DELF, (attention, local descriptors, raw global descriptor) for DELG.
 
     MindIR runs through mindspore.load + nn.GraphCell, ONNX through onnxruntime (a test-only
     dependency, imported here only).
@@ -134,17 +138,17 @@ def run_exported(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.n
         import onnxruntime  # test-only dependency
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        attention, features = session.run(None, {session.get_inputs()[0].name: images})
-        return attention, features
-    attention, features = load_mindir(path)(Tensor(images))
-    return attention.asnumpy(), features.asnumpy()
+        return tuple(session.run(None, {session.get_inputs()[0].name: images}))
+    return tuple(output.asnumpy() for output in load_mindir(path)(Tensor(images)))
 
 
-def max_difference(model, path: str | Path, images: np.ndarray) -> tuple[float, float]:
-    """Largest absolute differences (attention, features) between `model` and its export on `images`."""
+def max_difference(model, path: str | Path, images: np.ndarray) -> tuple[float, ...]:
+    """Largest absolute difference of every output (OUTPUT_NAMES order) between `model` and its export on `images`."""
     model.set_train(False)
     expected = [output.asnumpy() for output in model(Tensor(np.asarray(images, np.float32)))]
     actual = run_exported(path, images)
+    if len(actual) != len(expected):
+        raise InputError(f"{path}: {len(actual)} outputs, the framework's network has {len(expected)}")
     for want, got in zip(expected, actual, strict=True):
         if want.shape != got.shape:
             raise InputError(f"{path}: output shape {got.shape} differs from the framework's {want.shape}")

@@ -45,7 +45,7 @@ from src.extraction.store import FeatureStore
 from src.infer_310 import main as infer_310_main
 from src.infer_mindir import main as infer_main
 from src.model.export import export_network
-from src.model.network import block3_output_size
+from src.model.network import NetworkSpec, block3_output_size
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR = ("sacre_coeur1", "sacre_coeur2")
@@ -424,7 +424,8 @@ def test_missing_or_corrupt_mindir_gives_a_clear_one_line_error(tmp_path, capsys
 # ---- the C++ runner --------------------------------------------------------------------------------
 
 # The file loop of ascend310_infer/src/utils.cc with a fake network whose outputs say which
-# cell they are: attention = 1 + row * width + column, features = (row + 1, column + 1).
+# cell they are: attention = 1 + row * width + column, features = (row + 1, column + 1); with
+# --with_global a third, DELG's global descriptor: (H, W, 1, 0) of the H x W input.
 # It takes main's --input_path= and --output_path= (and ignores the rest), so the driver can run it.
 FAKE_RUNNER = r"""
 #include <iostream>
@@ -437,13 +438,15 @@ static int64_t Block3(int64_t s) {
 }
 int main(int argc, char **argv) {
   std::string input_dir, output_dir;
+  bool with_global = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--input_path=", 0) == 0) input_dir = arg.substr(13);
     if (arg.rfind("--output_path=", 0) == 0) output_dir = arg.substr(14);
+    if (arg == "--with_global") with_global = true;
   }
   if (input_dir.empty() || output_dir.empty()) return 2;
-  std::vector<float> attention, features;
+  std::vector<float> attention, features, global;
   int failed = 0;
   const int count = delf::ProcessInputs(input_dir, output_dir,
       [&](const delf::InputFile &input, const std::vector<float> &data, std::vector<delf::OutputBuffer> *outputs,
@@ -461,6 +464,10 @@ int main(int argc, char **argv) {
         }
         outputs->push_back({attention.data(), attention.size() * sizeof(float)});
         outputs->push_back({features.data(), features.size() * sizeof(float)});
+        if (with_global) {
+          global = {static_cast<float>(input.height), static_cast<float>(input.width), 1.0f, 0.0f};
+          outputs->push_back({global.data(), global.size() * sizeof(float)});
+        }
         return true;
       },
       &failed);
@@ -481,9 +488,9 @@ def fake_runner(tmp_path_factory):
     return binary
 
 
-def run_fake(binary, work):
-    return subprocess.run([str(binary), f"--input_path={work / INPUTS_DIR}", f"--output_path={work / OUTPUTS_DIR}"],
-                          capture_output=True, text=True, timeout=60)
+def run_fake(binary, work, *options):
+    return subprocess.run([str(binary), f"--input_path={work / INPUTS_DIR}", f"--output_path={work / OUTPUTS_DIR}",
+                           *options], capture_output=True, text=True, timeout=60)
 
 
 def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_runner, images_dir, tmp_path):
@@ -519,6 +526,36 @@ def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_r
             raw = np.stack([rows + 1, columns + 1], 1) / np.hypot(rows + 1, columns + 1)[:, None]
             np.testing.assert_allclose(features.descriptors[at_level], raw, rtol=1e-5)
         assert len(features.locations) == expected
+
+
+def test_cpp_runner_writes_the_global_output_of_delg_and_postprocess_stores_it(fake_runner, images_dir, tmp_path):
+    """Three outputs per level: the third (DELG's raw global descriptor) reaches the store, combined over the
+    global levels only; a DELG run whose runner wrote two outputs fails every image instead of storing it."""
+    config = ExtractionConfig(image_scales=(0.5, 0.7071, 1.0), global_scale_indices=(1, 2), max_image_size=300,
+                              score_threshold=0.0, use_pca=False, feature_depth=2)
+    delg = NetworkSpec("delg")
+    for with_global in (True, False):
+        work, features_dir = tmp_path / f"work{with_global}", tmp_path / f"features{with_global}"
+        images = preprocess(plan_jobs(images_dir, list(PAIR)), config, work, progress=False)
+        result = run_fake(fake_runner, work, *(["--with_global"] if with_global else []))
+        assert result.returncode == 0, result.stderr
+        if with_global:
+            assert len(list((work / OUTPUTS_DIR).glob("*_global.bin"))) == 6
+            levels = {image["image_id"]: image["levels"] for image in images}
+        reports = postprocess(work, features_dir, config, "fake", network=delg)
+        if not with_global:
+            assert sorted(reports[DEFAULT_STORE].failed) == list(PAIR)
+            assert "the runner wrote no 000000_l0_" in reports[DEFAULT_STORE].failed[PAIR[0]]
+            assert "_global.bin (delg: 3 outputs)" in reports[DEFAULT_STORE].failed[PAIR[0]]
+            assert stored_ids(features_dir / DEFAULT_STORE) == []
+    for name in PAIR:
+        rows = [parse_input_name(level["input_file"])[1:] for level in levels[name] if level["scale"] != 0.5]
+        rows = np.array([[height, width, 1.0, 0.0] for height, width in rows])
+        assert len(rows) == 2
+        total = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(axis=0)
+        with FeatureStore(tmp_path / "featuresTrue" / DEFAULT_STORE) as store:
+            np.testing.assert_allclose(store.global_descriptor(name), total / np.linalg.norm(total), rtol=1e-6)
+            assert len(store.get(name).locations) > 0
 
 
 def test_cpp_loop_reports_a_bad_input_and_runs_the_others(fake_runner, tmp_path):

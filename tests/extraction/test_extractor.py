@@ -132,8 +132,8 @@ def test_store_resumes_without_recomputing(tmp_path, model, photo):
                                      tmp_path / f"img{index}.png")
     extractor = DelfExtractor(model, config)
     calls = []
-    original = extractor.features
-    extractor.features = lambda inputs, name="": calls.append(name) or original(inputs, name)
+    original = extractor.image_features
+    extractor.image_features = lambda inputs, name="": calls.append(name) or original(inputs, name)
     with FeatureStore(tmp_path / "f.h5") as store:
         assert extract_to_store(dict(list(paths.items())[:2]), store, extractor, "hash-a", progress=False) == \
             ExtractionReport(extracted=2, skipped=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 from PIL import Image
-from random_weights import randomize
+from random_weights import randomize, spread_attention
 
 from model_utils.cli import InputError
 from model_utils.config import get_config
@@ -22,18 +22,6 @@ from src.model.weights import build_extraction_model, build_model, load_weights,
 def photo(images_dir):
     image = np.asarray(Image.open(images_dir / "sacre_coeur1.jpg").convert("RGB"))[100:229, 150:311]
     return Tensor(normalize_images(image[None]))
-
-
-def spread_attention(model, images) -> None:
-    """Rescale the last attention conv so that its scores on `images` have mean 0 and std 2: softplus
-    then spans about (0.01, 4), where every digit of the attention counts (random weights alone
-    give scores far below 0, where softplus is 0 in float32)."""
-    _, reconstruction = model.autoencoder(model.backbone(images))
-    attention = model.attention
-    scores = attention.conv2(attention.relu(attention.bn_conv1(attention.conv1(reconstruction)))).asnumpy()
-    gain = 2.0 / scores.std()
-    attention.conv2.weight.set_data(Tensor(attention.conv2.weight.asnumpy() * gain))
-    attention.conv2.bias.set_data(Tensor(((attention.conv2.bias.asnumpy() - scores.mean()) * gain).astype(np.float32)))
 
 
 @pytest.fixture(scope="module")

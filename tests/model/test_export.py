@@ -89,3 +89,24 @@ def test_cli_writes_delf_mindir_and_fails_in_one_line(checkpoint, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["--ckpt_path", str(checkpoint), "--file_name", str(target), "--input_shape", "static"])
     assert "extraction.max_image_size" in capsys.readouterr().err
+
+
+def test_cli_exports_delg_with_its_global_output(random_delg_checkpoint, photo, tmp_path, capsys):
+    from PIL import Image
+
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image_path)
+    delg_settings = ["--extraction.feature_depth=128", "--extraction.use_pca=false", "--device_target", "CPU"]
+    main(["--ckpt_path", str(random_delg_checkpoint), "--file_name", str(tmp_path / "DELG_MindIR"),
+          "--verify_image", str(image_path), *delg_settings])
+    printed = capsys.readouterr().out
+    assert "DELG_MindIR.mindir" in printed
+    differences = printed.split("largest difference to the framework: ")[1].split(", ")
+    assert [part.split()[0] for part in differences] == ["attention", "features", "global"]
+    attention, features, global_raw = (float(part.split()[1]) for part in differences)
+    # Raw (unnormalised) global rows reach ~3e4 with these weights: 0.05 is ~1e-6 of them.
+    assert attention < 1e-3 and features < 1e-3 and global_raw < 0.05
+    with pytest.raises(SystemExit):
+        main(["--ckpt_path", str(random_delg_checkpoint), "--file_name", str(tmp_path / "static"),
+              "--input_shape", "static", "--extraction.max_image_size=200", *delg_settings])
+    assert "not supported for a DELG model" in capsys.readouterr().err
