@@ -12,7 +12,7 @@ import mindspore
 import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn, ops
-from test_run import BATCH, PROJECT_ROOT, epoch_of, overrides, run, tiny_data  # noqa: F401 (tiny_data: fixture)
+from test_run import BATCH, epoch_of, overrides, run, tiny_data  # noqa: F401 (tiny_data: fixture)
 
 import train
 from model_utils.config import get_config
