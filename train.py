@@ -1,13 +1,20 @@
-"""Train DELF in two stages on GLDv2 MindRecord shards (src/build_image_dataset.py builds them).
+"""Train DELF in two stages, or DELG in one, on GLDv2 MindRecord shards (src/build_image_dataset.py builds them).
 
     python train.py --train_state=tuning --traindata_path=DATA --imagenet_checkpoint=resnet50_..._notop.h5
     python train.py --train_state=attn --traindata_path=DATA --checkpoint_path=ckpt/checkpoint_delf_tuning-4_20000.ckpt
+    python train.py --train_state=delg --traindata_path=DATA --imagenet_checkpoint=resnet50_..._notop.h5
 
 - tuning: ResNet50 backbone from `imagenet_checkpoint` (Keras .h5 or converted .ckpt) + descriptor
   classifier; the attention side is frozen.
 - attn: everything from `checkpoint_path` (the tuning result); only the attention head, its
   classifier (and the autoencoder) train; the backbone, including its BatchNorm statistics, is frozen.
+- delg: DELG (src/model/delg.py) from `imagenet_checkpoint`, all of it at once: ArcFace loss
+  (arcface_margin, arcface_scale) on the global descriptor + attention_loss_weight x the attention
+  classifier's loss + reconstruction_loss_weight x the autoencoder's (src/training/losses.py); the
+  local losses stop at block3, so only the global loss trains the backbone.
 The number of classes comes from the data (dataset_info.json / relabeling.csv beside the shards).
+Every loss line also logs the classifiers' batch accuracy; at step `chance_check_step` a warning
+names the class count and the learning rate when the accuracy is still at chance level.
 
 Resuming: give a checkpoint of the same stage as `checkpoint_path`. Weights, optimizer moments and
 the step (hence the learning rate) continue from it (`start_iter` > 0 overrides the step). The data
@@ -46,8 +53,9 @@ from src.training.run import check_inputs, init_data_parallel, run_training
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train DELF (tuning or attn stage) on GLDv2 MindRecord shards. "
-                                                 "All delf_config.yaml keys can be given as --key=value.")
+    parser = argparse.ArgumentParser(description="Train DELF (tuning or attn stage) or DELG (delg) on GLDv2 "
+                                                 "MindRecord shards. All delf_config.yaml keys can be given as "
+                                                 "--key=value.")
     parser.add_argument("--log_path", default="",
                         help="log file (default: <save_ckpt>/train_<stage>.log, _rank<i> for other ranks)")
     config, args = get_config_and_args(argv, parser)

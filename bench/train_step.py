@@ -1,4 +1,5 @@
-"""Time of one DELF training step on CPU per stage, graph vs PyNative mode, beside the reference's Ascend figures.
+"""Time of one DELF (or DELG) training step on CPU per stage, graph vs PyNative mode, beside the reference's Ascend
+figures.
 
 Each (mode, stage) runs in its own child process (the execution mode is process-wide) on random
 images and labels, so data loading is not timed. The first step (graph compilation in graph mode)
@@ -8,6 +9,7 @@ has GLDv2-clean's 81313 classes by default, as the reference figures: 171 ms/ste
 
     python bench/train_step.py                      # batch 8 x 321 x 321, 2 timed steps, about 5 minutes
     python bench/train_step.py --stages attn --modes graph --steps 3
+    python bench/train_step.py --stages tuning delg --modes graph   # DELG's joint step against DELF's tuning
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ def child(mode: str, stage: str, batch_size: int, image_size: int, num_classes: 
     import numpy as np
 
     from model_utils.device import setup_device
+    from src.model.delg import DelgModel
     from src.model.network import DelfModel
     from src.training.step import build_train_step
 
     setup_device("CPU", graph_mode=mode == "graph")
     mindspore.set_seed(0)
-    train_step = build_train_step(DelfModel(stage, num_classes, conv_impl="native"), initial_lr=0.01, max_iters=1000)
+    model = DelgModel(stage, num_classes) if stage == "delg" else DelfModel(stage, num_classes, conv_impl="native")
+    train_step = build_train_step(model, initial_lr=0.01, max_iters=1000)
     train_step.set_train()
     rng = np.random.default_rng(0)
     images = mindspore.Tensor(rng.uniform(-1, 1, (batch_size, 3, image_size, image_size)).astype(np.float32))
@@ -73,7 +77,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=321)
     parser.add_argument("--num_classes", type=int, default=81313)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
-    parser.add_argument("--stages", nargs="+", default=["tuning", "attn"], choices=["tuning", "attn"])
+    parser.add_argument("--stages", nargs="+", default=["tuning", "attn"], choices=["tuning", "attn", "delg"])
     parser.add_argument("--modes", nargs="+", default=["graph", "pynative"], choices=["graph", "pynative"])
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per child")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "STAGE"), help=argparse.SUPPRESS)
@@ -82,7 +86,7 @@ def main() -> None:
         child(*args.child, args.batch_size, args.image_size, args.num_classes, args.steps)
         return
 
-    print(f"DELF training step on CPU: batch {args.batch_size} x {args.image_size} x {args.image_size}, "
+    print(f"Training step on CPU: batch {args.batch_size} x {args.image_size} x {args.image_size}, "
           f"{args.num_classes} classes, median of {args.steps} steps after the first")
     results = {}
     for stage in args.stages:
@@ -102,7 +106,7 @@ def main() -> None:
                  else "-")
         compile_s = f"{graph['first_s'] - graph['step_ms'] / 1000:.0f}" if "step_ms" in graph else "-"
         print(f"{stage:6s} | {cells[0]:>13s} | {cells[1]:>16s} | {ratio:>14s} | {compile_s:>15s} | "
-              f"{ASCEND_910_MS_PER_STEP[stage]:.0f} ms/step")
+              + (f"{ASCEND_910_MS_PER_STEP[stage]:.0f} ms/step" if stage in ASCEND_910_MS_PER_STEP else "-"))
 
 
 if __name__ == "__main__":

@@ -221,7 +221,8 @@ class DelfConfig:
                                     "(this suite's) or slim (imported TF DELF models)", ("keras", "slim")))
     use_autoencoder: bool = field(**_option("DELG-style autoencoder before the attention head"))
     autoencoder_dim: int = field(**_option("autoencoder bottleneck channels"))
-    train_state: str = field(**_option("training stage", ("tuning", "attn")))
+    train_state: str = field(**_option("training stage: DELF's tuning then attn, or DELG's single joint stage",
+                                       ("tuning", "attn", "delg")))
     seed: int = field(**_option("random seed"))
     batch_size: int = field(**_option("global batch size"))
     start_iter: int = field(**_option("step to start (or resume) the learning-rate schedule at"))
@@ -231,6 +232,10 @@ class DelfConfig:
     initial_lr: float = field(**_option("learning rate at step 0"))
     attention_loss_weight: float = field(**_option("weight of the attention classifier loss"))
     reconstruction_loss_weight: float = field(**_option("weight of the autoencoder loss"))
+    arcface_margin: float = field(**_option("DELG: ArcFace angular margin of the global descriptor's loss"))
+    arcface_scale: float = field(**_option("DELG: ArcFace logit scale (fixed, not trained)"))
+    chance_check_step: int = field(**_option("step at which a classifier still at chance level draws a warning "
+                                             "(0: never)"))
     traindata_path: str = field(**_option("first MindRecord shard or the shard directory"))
     keep_checkpoint_max: int = field(**_option("checkpoints to keep"))
     imagenet_checkpoint: str = field(**_option("Keras ResNet50 .h5 or converted .ckpt (tuning)"))
@@ -259,6 +264,11 @@ class DelfConfig:
         for name in ("batch_size", "max_iters", "image_size", "save_ckpt_step", "keep_checkpoint_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.chance_check_step < 0:
+            raise ConfigError(f"chance_check_step: must be 0 (off) or positive, got {self.chance_check_step}")
+        if not 0 <= self.arcface_margin < math.pi / 2 or self.arcface_scale <= 0:
+            raise ConfigError(f"arcface_margin must be in [0, pi/2) and arcface_scale positive, got "
+                              f"{self.arcface_margin} and {self.arcface_scale}")
         if not 0 <= self.start_iter < self.max_iters:
             raise ConfigError(f"start_iter: must be in [0, max_iters={self.max_iters}), got {self.start_iter}")
 

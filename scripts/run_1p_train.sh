@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train one DELF stage on one device.
-# Usage: bash scripts/run_1p_train.sh tuning|attn [CHECKPOINT] [--foreground] [--key=value ...]
-#   tuning: CHECKPOINT (optional) resumes a tuning run; the backbone comes from imagenet_checkpoint.
+# Train one DELF stage (tuning, attn) or DELG (delg) on one device.
+# Usage: bash scripts/run_1p_train.sh tuning|attn|delg [CHECKPOINT] [--foreground] [--key=value ...]
+#   tuning, delg: CHECKPOINT (optional) resumes a run of that stage; the backbone comes from imagenet_checkpoint.
 #   attn:   CHECKPOINT is the tuning result (or an attn checkpoint to resume).
 #   Extra --key=value arguments override delf_config.yaml (e.g. --traindata_path=DIR --device_target=CPU).
 # Like the reference it runs in the background, logging to train_<stage>.log in the current
@@ -10,13 +10,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 usage() {
-    echo "usage: bash scripts/run_1p_train.sh tuning|attn [CHECKPOINT] [--foreground] [--key=value ...]" >&2
+    echo "usage: bash scripts/run_1p_train.sh tuning|attn|delg [CHECKPOINT] [--foreground] [--key=value ...]" >&2
     exit 2
 }
 [[ $# -ge 1 ]] || usage
 STAGE=$1
 shift
-[[ $STAGE == tuning || $STAGE == attn ]] || usage
+[[ $STAGE == tuning || $STAGE == attn || $STAGE == delg ]] || usage
 CHECKPOINT=""
 if [[ $# -ge 1 && $1 != --* ]]; then
     CHECKPOINT=$1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train one DELF stage data-parallel on the 8 Ascend devices of one machine (HCCL rank table).
-# Usage: bash scripts/run_8p_train.sh RANK_TABLE_FILE tuning|attn [CHECKPOINT] [--key=value ...]
+# Train one DELF stage (tuning, attn) or DELG (delg) data-parallel on the 8 Ascend devices of one
+# machine (HCCL rank table).
+# Usage: bash scripts/run_8p_train.sh RANK_TABLE_FILE tuning|attn|delg [CHECKPOINT] [--key=value ...]
 #   One process per device i, in ./train_parallel<i>/ with DEVICE_ID=RANK_ID=i, logging to
 #   train_parallel<i>/train_<stage>.log. batch_size is the global batch (each device takes 1/8);
 #   gradients are averaged over the devices; only rank 0 writes checkpoints (train_parallel0/<save_ckpt>).
@@ -9,7 +10,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 usage() {
-    echo "usage: bash scripts/run_8p_train.sh RANK_TABLE_FILE tuning|attn [CHECKPOINT] [--key=value ...]" >&2
+    echo "usage: bash scripts/run_8p_train.sh RANK_TABLE_FILE tuning|attn|delg [CHECKPOINT] [--key=value ...]" >&2
     exit 2
 }
 [[ $# -ge 2 ]] || usage

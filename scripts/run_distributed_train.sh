@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Train one DELF stage data-parallel on NUM_WORKERS processes of this machine through MindSpore's msrun
-# (CPU: the mccl backend; GPU: nccl, one device per worker).
-# Usage: bash scripts/run_distributed_train.sh NUM_WORKERS tuning|attn [CHECKPOINT] [--key=value ...]
+# Train one DELF stage (tuning, attn) or DELG (delg) data-parallel on NUM_WORKERS processes of this
+# machine through MindSpore's msrun (CPU: the mccl backend; GPU: nccl, one device per worker).
+# Usage: bash scripts/run_distributed_train.sh NUM_WORKERS tuning|attn|delg [CHECKPOINT] [--key=value ...]
 #   batch_size is the global batch (each worker takes 1/NUM_WORKERS); gradients are averaged;
 #   only rank 0 writes checkpoints. Worker logs: $LOG_DIR/worker_<i>.log (default ./msrun_log_<stage>).
 #   MASTER_PORT (default 8118) must be free. Runs in the foreground until every worker ends.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 usage() {
-    echo "usage: bash scripts/run_distributed_train.sh NUM_WORKERS tuning|attn [CHECKPOINT] [--key=value ...]" >&2
+    echo "usage: bash scripts/run_distributed_train.sh NUM_WORKERS tuning|attn|delg [CHECKPOINT] [--key=value ...]" >&2
     exit 2
 }
 [[ $# -ge 2 ]] || usage

@@ -6,7 +6,7 @@
 stage_arguments() {
     local stage=$1
     shift
-    [[ $stage == tuning || $stage == attn ]] || usage
+    [[ $stage == tuning || $stage == attn || $stage == delg ]] || usage
     EXTRA=()
     if [[ $# -ge 1 && $1 != --* ]]; then
         [[ -f $1 ]] || { echo "error: checkpoint not found: $1" >&2; exit 2; }

@@ -1,6 +1,7 @@
-"""The two-stage training loop: build the stage's network from its starting weights, then train it
-over MindRecord shards with checkpoints, resume, divergence stop and optional data parallelism
-(see train.py for the stages and the resume rules).
+"""The training loop: build the stage's network (DELF's tuning or attn stage, or DELG's single stage)
+from its starting weights, then train it over MindRecord shards with checkpoints, resume,
+divergence stop, a chance-level warning and optional data parallelism (see train.py for the stages
+and the resume rules).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from src.model.weights import (
 from src.training.data import create_dataset, find_shards, read_num_classes
 from src.training.step import (
     LOGGER,
+    ChanceLevelWatch,
     CheckpointSaver,
     ProfilerStep,
     TrainingDivergedError,
@@ -59,8 +61,8 @@ def check_inputs(config: DelfConfig, device_target: str) -> None:
         raise InputError(f"amp_level: {config.amp_level} needs Ascend or GPU; CPU trains in float32 (use O0)")
     if config.train_state == "attn" and not config.checkpoint_path:
         raise InputError("checkpoint_path: the attn stage starts from the tuning result; give its checkpoint")
-    if config.train_state == "tuning" and not (config.checkpoint_path or config.imagenet_checkpoint):
-        raise InputError("imagenet_checkpoint: the tuning stage needs the ImageNet ResNet50 weights "
+    if config.train_state in ("tuning", "delg") and not (config.checkpoint_path or config.imagenet_checkpoint):
+        raise InputError(f"imagenet_checkpoint: the {config.train_state} stage needs the ImageNet ResNet50 weights "
                          "(scripts/download_pretrained.sh), or checkpoint_path to resume")
     weights = config.checkpoint_path or config.imagenet_checkpoint
     name = "checkpoint_path" if config.checkpoint_path else "imagenet_checkpoint"
@@ -77,6 +79,9 @@ def build_training_network(config: DelfConfig, num_classes: int, conv_impl: str)
     if config.train_state == "attn" and "desc_fc.weight" not in tensors:
         raise InputError(f"checkpoint_path {source}: not a tuning checkpoint (no descriptor classifier); "
                          "the attn stage starts from the tuning result")
+    if config.train_state == "delg" and config.checkpoint_path and weights.kind != "delg":
+        raise InputError(f"checkpoint_path {source}: holds a DELF network; DELG training starts from the ImageNet "
+                         "weights (imagenet_checkpoint) or resumes a DELG checkpoint")
     bn_epsilon = resolve_bn_epsilon(config.bn_epsilon, weights.bn_epsilon)
     mindspore.set_seed(config.seed)  # the layers not in the file start alike on every rank
     try:
@@ -90,7 +95,7 @@ def build_training_network(config: DelfConfig, num_classes: int, conv_impl: str)
     if config.amp_level != "O0":
         mindspore.amp.auto_mixed_precision(model, config.amp_level)
     train_step = build_train_step(model, config.initial_lr, config.max_iters, config.attention_loss_weight,
-                                  config.reconstruction_loss_weight)
+                                  config.reconstruction_loss_weight, config.arcface_margin, config.arcface_scale)
     restored_step = restore_optimizer_state(train_step, tensors, source)
     start_step = config.start_iter or restored_step or 0
     if config.start_iter and restored_step is not None and restored_step != config.start_iter:
@@ -143,9 +148,13 @@ def run_training(config: DelfConfig, device_target: str = "CPU", rank_id: int = 
                 linear_decay_lr(config.initial_lr, config.max_iters, start_step), origin, bn_epsilon, conv_impl,
                 "graph" if mindspore.get_context("mode") == mindspore.GRAPH_MODE else "pynative", config.amp_level)
 
+    loss_cell = train_step.network
     monitor = TrainingMonitor(steps_per_epoch, config.log_interval, config.initial_lr, config.max_iters,
-                              train_step.network.value_names)
+                              loss_cell.value_names)
     callbacks = [monitor]
+    if start_step < config.chance_check_step <= config.max_iters:
+        callbacks.append(ChanceLevelWatch(config.chance_check_step, loss_cell.value_names, loss_cell.checked_accuracy,
+                                          num_classes, batch_size, config.initial_lr, config.batch_size))
     saver = None
     if rank_id == 0:
         saver = CheckpointSaver(config.save_ckpt, config.train_state, config.save_ckpt_step,

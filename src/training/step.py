@@ -1,11 +1,8 @@
-"""Training pieces for train.py: loss, learning-rate schedule, clipped train step, checkpoints, callbacks.
+"""Training pieces for train.py: learning-rate schedule, clipped train step, checkpoints, callbacks.
 
-The network (src/delf_model.py) knows nothing of training; everything here wraps it.
+The network (src/model/network.py, src/model/delg.py) knows nothing of training; everything here
+wraps it, with the loss cells of src/training/losses.py.
 
-- Loss: softmax cross-entropy (sparse labels, mean over the batch) of the stage's classifier;
-  the attn stage multiplies it by attention_loss_weight and adds reconstruction_loss_weight x the
-  autoencoder's reconstruction loss (as the TF reference). Beside the loss, the loss cell returns
-  named values to log (`value_names`: the classifier's batch accuracy); they take no gradient.
 - Learning rate: initial_lr * (1 - step / max_iters), per step, from the optimizer's global_step,
   so a run resumed at step s continues the schedule exactly.
 - Train step: gradients are averaged over data-parallel ranks first (the MindSpore port summed
@@ -15,10 +12,13 @@ The network (src/delf_model.py) knows nothing of training; everything here wraps
 - Checkpoints hold the network, the optimizer's moments and global_step, and the record of which
   network they belong to (src/model/weights.network_record: kind, backbone, depth, bn_epsilon);
   they are written to a temporary file and renamed, so a crash never leaves half a checkpoint.
+- Callbacks: the loss line and the NaN stop (TrainingMonitor), the warning when the classifier is
+  still at chance level (ChanceLevelWatch), checkpoints and curves (CheckpointSaver), the profiler.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import math
@@ -36,6 +36,7 @@ from mindspore.train.callback import Callback
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
 from src.training.curves import write_training_curves
+from src.training.losses import ARCFACE_MARGIN, ARCFACE_SCALE, DelfTrainingLoss, training_loss
 
 GRADIENT_CLIP_NORM = 10.0
 MOMENTUM = 0.9
@@ -71,38 +72,6 @@ class LinearDecayLR(LearningRateSchedule):
         return self.initial_lr * ops.maximum(remaining, 0.0)
 
 
-class DelfTrainingLoss(nn.Cell):
-    """The stage's training loss on (images, labels), and values to log beside it.
-
-    Returns (loss, values): `values` is a 1-D tensor, one entry per name in `value_names` (the log
-    line prints them as `name: value`, src/training/curves.py plots them). Parameter names stay
-    those of the model.
-    """
-
-    value_names = ("accuracy",)  # of the stage's classifier on the batch (before the update)
-
-    def __init__(self, model: nn.Cell, attention_loss_weight: float = 1.0,
-                 reconstruction_loss_weight: float = 10.0) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.is_attention_stage = model.state == "attn"
-        self.attention_loss_weight = attention_loss_weight
-        self.reconstruction_loss_weight = reconstruction_loss_weight
-        self.cross_entropy = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-
-    def construct(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.is_attention_stage:
-            logits, reconstruction_loss = self.model(images)
-            logits = logits.astype(mindspore.float32)
-            loss = self.attention_loss_weight * self.cross_entropy(logits, labels)
-            loss = loss + self.reconstruction_loss_weight * reconstruction_loss.astype(mindspore.float32)
-        else:
-            logits = self.model(images).astype(mindspore.float32)
-            loss = self.cross_entropy(logits, labels)
-        correct = ops.equal(ops.argmax(logits, dim=-1).astype(labels.dtype), labels).astype(mindspore.float32)
-        return loss, ops.stop_gradient(ops.stack([correct.mean()]))
-
-
 def clip_by_global_norm(grads: tuple[Tensor, ...], clip_norm: float) -> tuple[Tensor, ...]:
     """Scale all gradients by clip_norm / max(global_norm, clip_norm), as tf.clip_by_global_norm.
 
@@ -121,7 +90,7 @@ class ClippedTrainStep(nn.TrainOneStepCell):
     DATA_PARALLEL with gradients_mean=True before creating this cell.
     """
 
-    def __init__(self, loss_cell: DelfTrainingLoss, optimizer: nn.Optimizer,
+    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Optimizer,
                  clip_norm: float = GRADIENT_CLIP_NORM) -> None:
         super().__init__(loss_cell, optimizer)
         self.clip_norm = clip_norm
@@ -155,9 +124,11 @@ def gradient_weights(model: nn.Cell) -> list[mindspore.Parameter]:
 
 
 def build_train_step(model: nn.Cell, initial_lr: float, max_iters: int, attention_loss_weight: float = 1.0,
-                     reconstruction_loss_weight: float = 10.0) -> ClippedTrainStep:
-    """Loss + SGD (momentum 0.9, linear-decay LR) + clipping around a DelfModel in "tuning" or "attn" state."""
-    loss_cell = DelfTrainingLoss(model, attention_loss_weight, reconstruction_loss_weight)
+                     reconstruction_loss_weight: float = 10.0, arcface_margin: float = ARCFACE_MARGIN,
+                     arcface_scale: float = ARCFACE_SCALE) -> ClippedTrainStep:
+    """Loss (losses.training_loss: DELF's "tuning" / "attn" stage or DELG's "delg") + SGD (momentum 0.9,
+    linear-decay LR) + clipping around a model in a training state."""
+    loss_cell = training_loss(model, attention_loss_weight, reconstruction_loss_weight, arcface_margin, arcface_scale)
     optimizer = nn.SGD(gradient_weights(model), learning_rate=LinearDecayLR(initial_lr, max_iters),
                        momentum=MOMENTUM)
     return ClippedTrainStep(loss_cell, optimizer)
@@ -282,6 +253,58 @@ class TrainingMonitor(Callback):
                         1000.0 * elapsed / self._interval_steps, lr, named)
             self._interval_start = time.perf_counter()
             self._interval_steps = 0
+
+
+CHANCE_WINDOW = 100  # steps whose batch accuracies ChanceLevelWatch averages (at most half the steps before it)
+CHANCE_SIGMAS = 3.0  # how far above chance (in binomial standard deviations) the accuracy must be
+
+
+def at_chance_level(accuracies: np.ndarray, images_per_step: int, num_classes: int) -> bool:
+    """True when the mean of these batch accuracies is not significantly above chance (1 / num_classes):
+    at most CHANCE_SIGMAS binomial standard deviations of a guess over all the images they count."""
+    chance = 1.0 / num_classes
+    images = len(accuracies) * images_per_step
+    return float(np.mean(accuracies)) <= chance + CHANCE_SIGMAS * math.sqrt(chance * (1.0 - chance) / images)
+
+
+class ChanceLevelWatch(Callback):
+    """At global step `check_step`: warn when the classifier's batch accuracy over the last
+    CHANCE_WINDOW steps (or the later half of the steps, when the check comes sooner) is still at
+    chance level, naming the class count and the learning rate.
+
+    DELG runs that never leave 0 % accuracy had a class count that did not match the labels or too
+    high a learning rate; the warning says so while there is time to stop. `value_name` is the
+    accuracy's name among the loss cell's logged `value_names` (its `checked_accuracy`).
+    """
+
+    def __init__(self, check_step: int, value_names: tuple[str, ...], value_name: str, num_classes: int,
+                 images_per_step: int, initial_lr: float, batch_size: int) -> None:
+        super().__init__()
+        self.check_step = check_step
+        self.value_name = value_name
+        self.value_index = value_names.index(value_name)
+        self.num_classes = num_classes
+        self.images_per_step = images_per_step
+        self.initial_lr = initial_lr
+        self.batch_size = batch_size
+        self.recent: collections.deque[float] = collections.deque(maxlen=min(CHANCE_WINDOW, max(1, check_step // 2)))
+
+    def on_train_step_end(self, run_context) -> None:
+        params = run_context.original_args()
+        step = global_step(params.train_network)
+        if step > self.check_step:
+            return
+        accuracy = float(np.asarray(params.net_outputs[1].asnumpy()).reshape(-1)[self.value_index])
+        self.recent.append(accuracy)
+        if step == self.check_step and at_chance_level(np.array(self.recent), self.images_per_step,
+                                                       self.num_classes):
+            LOGGER.warning(
+                "%s is still at chance level after %d steps (%.4g over the last %d steps; chance 1/%d = %.3g): the "
+                "classifier is not learning. Check the class count, %d, read from dataset_info.json / relabeling.csv "
+                "beside the shards: the labels must run 0..%d. Then try a lower learning rate: initial_lr is %g at "
+                "batch_size %d (DELG: 0.01 at batch 256, 0.005 at batch 128). chance_check_step sets this check",
+                self.value_name, step, float(np.mean(self.recent)), len(self.recent), self.num_classes,
+                1.0 / self.num_classes, self.num_classes, self.num_classes - 1, self.initial_lr, self.batch_size)
 
 
 class CheckpointSaver(Callback):

@@ -426,6 +426,8 @@ def test_scripts_parse_and_explain_their_usage(script):
     (["run_8p_train.sh", "/nonexistent/rank_table.json", "tuning"], "error: rank table file not found"),
     (["run_distributed_train.sh", "two", "tuning"], "error: NUM_WORKERS must be a positive integer"),
     (["run_distributed_train.sh", "2", "attn", "/nonexistent/x.ckpt"], "error: checkpoint not found"),
+    (["run_1p_train.sh", "delg", "/nonexistent/x.ckpt"], "error: checkpoint not found"),
+    (["run_8p_train.sh", str(PROJECT_ROOT / "README.md"), "delg", "/x.ckpt"], "error: checkpoint not found"),
 ])
 def test_scripts_reject_bad_arguments_in_one_line(argv, message):
     done = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / argv[0]), *argv[1:]], capture_output=True,
@@ -473,13 +475,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_msrun_data_parallel_keeps_ranks_identical(tiny_data, tmp_path):
+@pytest.mark.parametrize("stage", ["tuning", "delg"])
+def test_msrun_data_parallel_keeps_ranks_identical(tiny_data, tmp_path, stage):
     save_ckpt = tmp_path / "ckpt"
     settings = overrides(tiny_data, save_ckpt, max_iters=3, save_ckpt_step=3)
     env = {**_script_env(), "MASTER_PORT": str(_free_port()), "LOG_DIR": str(tmp_path / "msrun")}
-    done = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "run_distributed_train.sh"), "2", "tuning",
+    done = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "run_distributed_train.sh"), "2", stage,
                            *settings], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    logs = [save_ckpt / "train_tuning.log", save_ckpt / "train_tuning_rank1.log"]
+    logs = [save_ckpt / f"train_{stage}.log", save_ckpt / f"train_{stage}_rank1.log"]
     assert done.returncode == 0 and all(log.is_file() for log in logs), \
         done.stdout[-2000:] + "".join(p.read_text()[-2000:] for p in (tmp_path / "msrun").glob("*.log"))
     texts = [log.read_text() for log in logs]
@@ -490,5 +493,5 @@ def test_msrun_data_parallel_keeps_ranks_identical(tiny_data, tmp_path):
     assert fingerprints[0] == fingerprints[1]
     first_losses = [re.search(r"step: 1, loss is (\S+),", text).group(1) for text in texts]
     assert first_losses[0] != first_losses[1]  # different data on each rank, same weights after
-    assert [p.name for p in save_ckpt.glob("*.ckpt")] == [checkpoint_name("tuning", 1, 3)]
+    assert [p.name for p in save_ckpt.glob("*.ckpt")] == [checkpoint_name(stage, 1, 3)]
     assert "saved checkpoint" in texts[0] and "saved checkpoint" not in texts[1]
