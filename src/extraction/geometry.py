@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 
-RULES = ("pillow", "tf_legacy")
-
 
 def resized_size(height: int, width: int, factor: float) -> tuple[int, int]:
     """(h, w) of an image resized by `factor` before the pyramid (TF's ResizeImage: Python round)."""

@@ -163,22 +163,22 @@ def pyramid_plan(height: int, width: int, config: ExtractionConfig, name: str = 
     else:
         base_h, base_w = height, width
         level_factor = fit_image_size(height, width, config, name) if min(height, width) >= MIN_IMAGE_SIDE else 1.0
-    plan = PyramidPlan((base_h, base_w), (base_h / height, base_w / width), [])
+    resize_yx = (base_h / height, base_w / width) if height and width else (1.0, 1.0)  # (an empty crop)
     if min(base_h, base_w) < MIN_IMAGE_SIDE:
         LOGGER.warning("%s: %dx%d is under %d px; no features", name or "image", base_w, base_h, MIN_IMAGE_SIDE)
-        return plan
-    skipped = []
+        return PyramidPlan((base_h, base_w), resize_yx, [])
+    levels, skipped = [], []
     for scale in config.image_scales:
         level_h, level_w = geometry.level_size(base_h, base_w, scale, config.resize, level_factor)
         if min(level_h, level_w) < max(min_side, 1):
             skipped.append(scale)
         else:
-            plan.levels.append((scale, level_h, level_w))
+            levels.append((scale, level_h, level_w))
     if skipped:
         LOGGER.warning("%s: %dx%d: pyramid scale(s) %s skipped (a level needs at least %d px a side)%s",
                        name or "image", width, height, ", ".join(f"{s:g}" for s in skipped), max(min_side, 1),
-                       "" if plan.levels else "; no features")
-    return plan
+                       "" if levels else "; no features")
+    return PyramidPlan((base_h, base_w), resize_yx, levels)
 
 
 def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "",

@@ -61,6 +61,8 @@ def test_tf_legacy_resizes_first_and_checks_the_minimum_side_after():
     # An 8 px image enlarged to 40 px by min_image_size has features in TF; pillow checks the original.
     assert pyramid_plan(8, 6, ExtractionConfig(resize="tf_legacy", min_image_size=40)).levels
     assert not pyramid_plan(8, 6, ExtractionConfig(min_image_size=40)).levels
+    for resize in ("pillow", "tf_legacy"):  # a query box outside its image gives an empty crop
+        assert pyramid_plan(0, 50, ExtractionConfig(resize=resize, max_image_size=20)).levels == []
 
 
 def test_tf_legacy_pyramid_is_built_from_the_pillow_resized_image():
