@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_venv
 from PIL import Image
 
 from model_utils.config import get_config
@@ -33,7 +32,6 @@ from src.model.weights import build_extraction_model, load_weights
 
 pytestmark = pytest.mark.slow
 
-TF_VENV = Path(os.environ.get("DELF_TF_VENV", Path.home() / ".cache" / "delf" / "tf-venv"))
 GENERATOR = Path(__file__).parent / "tf_reference" / "tf_extractor.py"
 RELEASES = {"delf_v1_20171026": 40, "delf_gld_20190411": 128}  # release folder -> PCA dimension
 MAX_FEATURE_NUM = 1000
@@ -87,17 +85,6 @@ def tf_resize_image(image: np.ndarray, max_image_size: int) -> tuple[np.ndarray,
     return resized, [new_shape[1] / height, new_shape[0] / width]
 
 
-def run_tensorflow(*arguments: str) -> None:
-    python = TF_VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"the test-only TensorFlow environment is missing ({python}): run "
-                    "`bash scripts/setup_tf_env.sh` (scripts/install.sh --test does)", pytrace=False)
-    result = subprocess.run([str(python), str(GENERATOR), *arguments], capture_output=True, text=True, timeout=1800,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
-    if result.returncode:
-        pytest.fail(f"{GENERATOR.name} failed:\n{result.stderr[-4000:]}", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, images_dir) -> Path:
     """The releases TensorFlow wrote and what its extractor gives on every case."""
@@ -114,7 +101,7 @@ def reference(tmp_path_factory, images_dir) -> Path:
     spec = {"scales": list(config.image_scales), "max_feature_num": MAX_FEATURE_NUM, "pca_dims": RELEASES,
             "cases": cases}
     (directory / "spec.json").write_text(json.dumps(spec))
-    run_tensorflow(str(directory), str(directory / "spec.json"))
+    tf_venv.run_tensorflow(GENERATOR, str(directory), str(directory / "spec.json"))
     return directory
 
 
@@ -129,7 +116,7 @@ def imported(reference, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ours(reference, imported, images_dir):
+def ours(reference, imported):
     """This suite's features of every case with each release's preset: {case: {release: LocalFeatures}}.
 
     The two releases hold the same network (TF wrote one graph twice; checked below), so the pyramid
