@@ -203,7 +203,7 @@ def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
         return [
             LevelInput(scale, (level_h / height, level_w / width),
                        np.ascontiguousarray(tf_legacy_resize_bilinear(normalized, level_h, level_w)
-                                            .transpose(2, 0, 1)[None]), plan.resize_yx)
+                                            .transpose(2, 0, 1)[None]), resize_yx=plan.resize_yx)
             for scale, level_h, level_w in plan.levels
         ]
     return [

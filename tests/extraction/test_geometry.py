@@ -90,7 +90,7 @@ def test_keypoint_selection_follows_the_configured_rule():
     # One level at scale 0.25 of a 361 x 482 image (90 x 120), a single cell above the threshold: x = 3.
     attention = np.zeros((3, 4))
     attention[1, 3] = 1.0
-    level = PyramidLevel(0.25, (90 / 361, 120 / 482), attention, np.ones((2, 3, 4)), (0.5, 1.0))
+    level = PyramidLevel(0.25, (90 / 361, 120 / 482), attention, np.ones((2, 3, 4)), resize_yx=(0.5, 1.0))
     locations, _, scales, _ = select_keypoints([level], ExtractionConfig(resize="tf_legacy", score_threshold=0.5))
     np.testing.assert_array_equal(locations, [[32 / 0.25 / 0.5, 384.0]])
     assert scales.tolist() == [np.float32(4.0)]
