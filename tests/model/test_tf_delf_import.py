@@ -10,7 +10,6 @@ TensorFlow computes on a real photo. The project itself never imports TensorFlow
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import struct
 import subprocess
