@@ -47,6 +47,9 @@ def _check_choices(settings: object) -> None:
 
 
 DEFAULT_IMAGE_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+# Version of the tf_legacy geometry (src/extraction/geometry.py) in the settings hash; raise it
+# whenever tf_legacy features change. 2: TF's float32 level sizes, locations and scales, Pillow resize first.
+TF_LEGACY_GEOMETRY = 2
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class ExtractionConfig:
     stride: float = 32.0
     padding: float = 145.0
     # Largest number of pixels a single pyramid level may have; bigger images are
-    # downscaled with a warning instead of exhausting memory at scale 2.0.
+    # downscaled with a warning instead of exhausting memory at scale 2.0. -1: no bound (TF's extractor).
     max_pixels_per_scale: int = 3_500_000  # bounds extraction memory (docs/troubleshooting.md); 1024x768 x 2 fits
     feature_depth: int = 1024
     # How pyramid levels are resized: Pillow bilinear of the uint8 image (this suite's), or TF1's
@@ -97,8 +100,8 @@ class ExtractionConfig:
             problems.append("iou_threshold must be in (0, 1]")
         if self.use_pca and self.pca_dim <= 0:
             problems.append("pca_dim must be positive")
-        if self.max_pixels_per_scale <= 0:
-            problems.append("max_pixels_per_scale must be positive")
+        if self.max_pixels_per_scale <= 0 and self.max_pixels_per_scale != -1:
+            problems.append("max_pixels_per_scale must be positive, or -1 for no bound")
         object.__setattr__(self, "global_scale_indices", tuple(self.global_scale_indices))
         indices = self.global_scale_indices
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices) \
@@ -123,6 +126,8 @@ class ExtractionConfig:
         # Settings that predate stores: their defaults keep the stores' hashes valid.
         if payload["resize"] == "pillow":
             del payload["resize"]
+        else:  # stores of an older tf_legacy geometry must not pass for this one's
+            payload["geometry"] = TF_LEGACY_GEOMETRY
         if tuple(payload["global_scale_indices"]) == (3, 4, 5):
             del payload["global_scale_indices"]
         if payload["descriptor_dtype"] == "float32":

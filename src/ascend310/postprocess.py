@@ -82,6 +82,7 @@ def read_level(level: dict, outputs_dir: Path, network: NetworkSpec = DELF_KERAS
         attention.reshape(map_h, map_w)[:valid_h, :valid_w],
         features.reshape(-1, map_h, map_w)[:, :valid_h, :valid_w],
         global_descriptor=global_row[0] if global_row else None,
+        resize_yx=tuple(float(v) for v in level["resize_yx"]),
     )
 
 

@@ -35,7 +35,7 @@ from src.ascend310.protocol import (
     input_name,
     write_manifest,
 )
-from src.extraction import sharding
+from src.extraction import geometry, sharding
 from src.extraction.images import failure_reason
 from src.extraction.pyramid import pyramid_inputs, read_for_pyramid
 
@@ -52,13 +52,16 @@ class Job(NamedTuple):
     crop: tuple[float, float, float, float] | None  # [x1, y1, x2, y2] (retrieval queries)
 
 
-def canvas_side(max_image_size: int, scale: float) -> int:
+def canvas_side(max_image_size: int, scale: float, resize: str = "pillow") -> int:
     """Side of the square canvas that holds every level of `scale` plus the odd-size offset.
 
-    Images are fitted into max_image_size, so a level side is at most round(max_image_size * scale);
-    the canvas is that bound made even (see place_on_canvas).
+    Images are fitted into max_image_size, so a level side is at most round(max_image_size * scale)
+    (by the level-size rule of `resize`, geometry.level_size); the canvas is that bound made even
+    (see place_on_canvas).
     """
     bound = math.floor(max_image_size * scale + 0.5 + 1e-6)
+    if resize == "tf_legacy":  # the float32 product can round the other way
+        bound = max(bound, geometry.level_size(max_image_size, max_image_size, scale, resize)[0])
     return bound + bound % 2
 
 
@@ -69,7 +72,7 @@ def canvas_sides(config: ExtractionConfig) -> tuple[int, ...]:
             "extraction.max_image_size must be positive for static input shapes (it sizes the canvas of "
             f"every pyramid scale), got {config.max_image_size}: pass e.g. --extraction.max_image_size=1024"
         )
-    return tuple(canvas_side(config.max_image_size, scale) for scale in config.image_scales)
+    return tuple(canvas_side(config.max_image_size, scale, config.resize) for scale in config.image_scales)
 
 
 def place_on_canvas(level_input: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -122,7 +125,7 @@ def prepare_image(job: Job, number: int, config: ExtractionConfig, inputs_dir: P
         file_name = input_name(number, index, array.shape[2], array.shape[3])
         atomic_write_bytes(inputs_dir / file_name, np.ascontiguousarray(array, dtype=np.float32).tobytes())
         levels.append({"input_file": file_name, "scale": level.scale, "scale_yx": list(level.scale_yx),
-                       "size": size})
+                       "resize_yx": list(level.resize_yx), "size": size})
     return {"image_size": list(image_size), "levels": levels}
 
 

@@ -8,7 +8,7 @@ r"""The files the Ascend-310 stages hand over in a work directory (the runner's 
     <work>/manifest.json                          what postprocess needs to turn outputs into features
 
 The manifest lists every image of the run: {image_id, store, path} and either {image_size, levels:
-[{input_file, scale, scale_yx, size}]} or {error} when preprocess could not prepare it.
+[{input_file, scale, scale_yx, resize_yx, size}]} or {error} when preprocess could not prepare it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from model_utils.files import atomic_write_text, directory_lock
 INPUTS_DIR = "inputs"
 OUTPUTS_DIR = "outputs"
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "delf-310-v2"
+MANIFEST_FORMAT = "delf-310-v3"  # v3: levels carry resize_yx (src/extraction/geometry.py)
 # Every output of the network, in its order: attention, local descriptors, and DELG's raw global descriptor.
 OUTPUT_SUFFIXES = ("_attention.bin", "_features.bin", "_global.bin")
 OUTPUT_COUNTS = {"delf": 2, "delg": 3}  # outputs of the exported network of each model kind

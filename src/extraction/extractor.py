@@ -114,7 +114,7 @@ class DelfExtractor:
             outputs = self.model(Tensor(level.image))
             global_row = outputs[2].asnumpy()[0] if len(outputs) > 2 else None
             levels.append(PyramidLevel(level.scale, level.scale_yx, outputs[0].asnumpy()[0, 0], outputs[1].asnumpy()[0],
-                                       global_descriptor=global_row))
+                                       global_descriptor=global_row, resize_yx=level.resize_yx))
         return levels
 
     def pyramid(self, image: np.ndarray, name: str = "") -> list[PyramidLevel]:

@@ -2,8 +2,9 @@
 
 Shared by direct extraction and the Ascend-310 postprocess, which both hand over per-level
 attention and block3 feature maps. The steps follow TF DELF: attention >= score_threshold per
-level -> receptive-box centres mapped back to the original image -> NMS over all levels by
-attention (top-k when iou_threshold is 1.0).
+level -> receptive boxes mapped back to the image (src/extraction/geometry.py: the rule of
+`extraction.resize`) -> NMS over all levels by attention (top-k when iou_threshold is 1.0) ->
+box centres in original-image pixels.
 
 Boxes are (N, 4) arrays in [ymin, xmin, ymax, xmax] order, as in TF's object_detection. Areas use
 (ymax - ymin) * (xmax - xmin) (continuous coordinates, no +1), like its np_box_ops.
@@ -17,6 +18,7 @@ import numpy as np
 
 from model_utils.cli import InputError
 from model_utils.config import ExtractionConfig
+from src.extraction import geometry
 from src.extraction.pyramid import PyramidLevel
 
 
@@ -77,12 +79,6 @@ def receptive_boxes(
     return stride * corners + offset
 
 
-def box_centers(boxes: np.ndarray) -> np.ndarray:
-    """(N, 2) box centres in (y, x) order."""
-    boxes = np.asarray(boxes)
-    return (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
-
-
 def box_areas(boxes: np.ndarray) -> np.ndarray:
     boxes = np.asarray(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -139,7 +135,7 @@ def non_max_suppression(
 
 
 def _level_candidates(level: PyramidLevel, index: int, config: ExtractionConfig) -> BoxList:
-    """Boxes (original-image pixels) of one level's cells above the threshold, with their fields."""
+    """Boxes (geometry.map_cell_boxes) of one level's cells above the threshold, with their fields."""
     attention = np.asarray(level.attention)
     features = np.asarray(level.features)
     if attention.ndim != 2 or features.ndim != 3 or features.shape[1:] != attention.shape:
@@ -148,19 +144,20 @@ def _level_candidates(level: PyramidLevel, index: int, config: ExtractionConfig)
             f"{features.shape} do not match (need (h, w) and (D, h, w))"
         )
     scale_y, scale_x = (float(s) for s in level.scale_yx)
-    if not (scale_y > 0 and scale_x > 0 and level.scale > 0):
-        raise InputError(
-            f"pyramid level {index}: scales must be positive, got {level.scale} and {level.scale_yx}"
-        )
+    if not (scale_y > 0 and scale_x > 0 and level.scale > 0 and all(v > 0 for v in level.resize_yx)):
+        raise InputError(f"pyramid level {index}: scales must be positive, got {level.scale}, "
+                         f"{level.scale_yx} and {level.resize_yx}")
     if np.isnan(attention).any():
         raise InputError(f"pyramid level {index} (scale {level.scale}): attention map contains NaN")
 
     selected = np.flatnonzero(attention.ravel() >= config.score_threshold)
-    boxes = receptive_boxes(*attention.shape, config.receptive_field, config.stride, config.padding)
-    candidates = BoxList(boxes[selected] / np.array([scale_y, scale_x, scale_y, scale_x]))
+    cells = receptive_boxes(*attention.shape, config.receptive_field, config.stride, config.padding)[selected]
+    boxes, locations = geometry.map_cell_boxes(cells, level.scale, (scale_y, scale_x), level.resize_yx, config.resize)
+    candidates = BoxList(boxes)
+    candidates.add_field("locations", locations)
     candidates.add_field("scores", attention.ravel()[selected])
     candidates.add_field("descriptors", features.reshape(features.shape[0], -1)[:, selected].T)
-    candidates.add_field("scales", np.full(selected.size, 1.0 / level.scale))
+    candidates.add_field("scales", geometry.feature_scales(level.scale, selected.size, config.resize))
     return candidates
 
 
@@ -180,7 +177,7 @@ def select_keypoints(
         raise InputError(f"pyramid levels have different feature depths: {sorted(depths)}")
     per_level = [_level_candidates(level, i, config) for i, level in enumerate(levels)]
     merged = BoxList(np.concatenate([c.boxes for c in per_level]))
-    for name in ("scores", "scales", "descriptors"):
+    for name in ("locations", "scores", "scales", "descriptors"):
         merged.add_field(name, np.concatenate([c.get_field(name) for c in per_level]))
 
     keep = non_max_suppression(
@@ -191,8 +188,8 @@ def select_keypoints(
     )
     kept = merged.gather(keep)
     return (
-        box_centers(kept.boxes).astype(np.float32),
+        kept.get_field("locations"),
         kept.get_field("descriptors").astype(np.float32),
-        kept.get_field("scales").astype(np.float32),
+        kept.get_field("scales"),
         kept.get_field("scores").astype(np.float32),
     )

@@ -1,13 +1,14 @@
 """The image pyramid, in plain NumPy: which sizes each image is run at, and the network input of each level.
 
 Shared by direct extraction and the Ascend-310 preprocess, so both feed the network the same
-pixels. Levels are round(H * factor * scale) x round(W * factor * scale), NCHW, normalised as
-(x - 128) / 128; `extraction.resize` chooses how they are resized:
-- pillow: Pillow's bilinear filter on the uint8 image, then normalised (this suite's models);
-- tf_legacy: the image is normalised first, then resized as TF1's tf.image.resize_bilinear
-  (align_corners=False, half_pixel_centers=False) does, in float32: what the released TF DELF
-  models' own extraction graph feeds the network. (With max/min_image_size set, TF's extractor
-  first resizes the uint8 image with Pillow; here every level comes from the original in one step.)
+pixels. Level sizes follow src/extraction/geometry.py; inputs are NCHW, normalised as
+(x - 128) / 128. `extraction.resize` chooses how levels are made:
+- pillow: Pillow's bilinear filter from the original uint8 image to each level, then normalised
+  (this suite's models);
+- tf_legacy: TF1 DELF's extractor: the uint8 image is first resized with Pillow when
+  max/min_image_size (or the memory bound) asks for it, then normalised, then each level is
+  resized as TF1's tf.image.resize_bilinear (align_corners=False, half_pixel_centers=False) does,
+  in float32: what the released TF DELF models' own extraction graph feeds the network.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from model_utils.config import ExtractionConfig
+from src.extraction import geometry
 from src.extraction.images import crop_to_box, load_image, read_image, resize_image
 
 LOGGER = logging.getLogger("delf.extract")
@@ -38,12 +40,24 @@ class PyramidLevel(NamedTuple):
     attention: np.ndarray  # (h, w) attention scores of this level
     features: np.ndarray  # (D, h, w) local descriptors of this level (channel first): block3, or DELG's code
     global_descriptor: np.ndarray | None = None  # (G,) raw global descriptor of this level (DELG), else None
+    # tf_legacy: size of the image the levels were resized from / original size (y, x), TF's
+    # scale_factors; (1, 1) when that image is the original (always so for pillow)
+    resize_yx: tuple[float, float] = (1.0, 1.0)
 
 
 class LevelInput(NamedTuple):
     scale: float
     scale_yx: tuple[float, float]
     image: np.ndarray  # (1, 3, h, w) float32, the network's input
+    resize_yx: tuple[float, float] = (1.0, 1.0)
+
+
+class PyramidPlan(NamedTuple):
+    """How one image becomes a pyramid (src/extraction/geometry.py gives the rules)."""
+
+    base_size: tuple[int, int]  # (h, w) of the image the levels are resized from
+    resize_yx: tuple[float, float]  # base_size / original size; (1, 1) when the base is the original
+    levels: list[tuple[float, int, int]]  # (scale, level h, level w) of every usable level, config order
 
 
 def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
@@ -94,7 +108,7 @@ def _fit_factor(height: int, width: int, config: ExtractionConfig) -> tuple[floa
         factor = config.min_image_size / largest
     unbounded = factor
     level_pixels = height * width * (factor * max(config.image_scales)) ** 2
-    if level_pixels > config.max_pixels_per_scale:
+    if 0 < config.max_pixels_per_scale < level_pixels:
         factor *= (config.max_pixels_per_scale / level_pixels) ** 0.5
     return factor, unbounded
 
@@ -103,7 +117,8 @@ def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str 
     """Factor applied before the pyramid: max/min_image_size, then the per-level memory bound.
 
     max_pixels_per_scale bounds the largest level, and so the network's memory: the default
-    (3.5 M pixels) keeps extraction of any image near 2.7 GB in PyNative mode (docs/troubleshooting.md).
+    (3.5 M pixels) keeps extraction of any image near 2.7 GB in PyNative mode (docs/troubleshooting.md);
+    -1: no bound.
     """
     factor, unbounded = _fit_factor(height, width, config)
     if factor < unbounded:
@@ -114,9 +129,13 @@ def fit_image_size(height: int, width: int, config: ExtractionConfig, name: str 
 
 
 def needed_image_size(height: int, width: int, config: ExtractionConfig) -> tuple[int, int]:
-    """The largest level's (h, w) for an image of (height, width): all the pyramid needs to decode."""
+    """The largest level's (h, w) for an image of (height, width): all the pyramid needs to decode.
+
+    tf_legacy needs the full image: TF's extractor resizes the fully decoded image, and a JPEG
+    decoded reduced (DCT scaling) has other pixels.
+    """
     factor = _fit_factor(height, width, config)[0] * max(config.image_scales)
-    if factor >= 1.0:
+    if factor >= 1.0 or config.resize == "tf_legacy":
         return height, width
     return max(1, round(height * factor)), max(1, round(width * factor))
 
@@ -134,26 +153,38 @@ def read_for_pyramid(path: str | Path, config: ExtractionConfig, crop: Sequence[
     return image, image.shape[:2]
 
 
-def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "",
-                min_side: int = MIN_LEVEL_SIDE) -> list[tuple[float, int, int]]:
-    """(scale, level height, level width) of every level the network can run on (sides of at least
-    `min_side`, network.min_input_side of the backbone), in config order."""
-    if min(height, width) < MIN_IMAGE_SIDE:
-        LOGGER.warning("%s: %dx%d is under %d px; no features", name or "image", width, height, MIN_IMAGE_SIDE)
-        return []
-    factor = fit_image_size(height, width, config, name)
-    sizes, skipped = [], []
+def pyramid_plan(height: int, width: int, config: ExtractionConfig, name: str = "",
+                 min_side: int = MIN_LEVEL_SIDE) -> PyramidPlan:
+    """The base image and the levels of an image of (height, width): levels whose sides are at least
+    `min_side` (network.min_input_side of the backbone), in config order."""
+    if config.resize == "tf_legacy":  # TF resizes the image first and checks its minimum side after
+        base_h, base_w = geometry.resized_size(height, width, fit_image_size(height, width, config, name))
+        level_factor = 1.0
+    else:
+        base_h, base_w = height, width
+        level_factor = fit_image_size(height, width, config, name) if min(height, width) >= MIN_IMAGE_SIDE else 1.0
+    resize_yx = (base_h / height, base_w / width) if height and width else (1.0, 1.0)  # (an empty crop)
+    if min(base_h, base_w) < MIN_IMAGE_SIDE:
+        LOGGER.warning("%s: %dx%d is under %d px; no features", name or "image", base_w, base_h, MIN_IMAGE_SIDE)
+        return PyramidPlan((base_h, base_w), resize_yx, [])
+    levels, skipped = [], []
     for scale in config.image_scales:
-        level_h, level_w = round(height * factor * scale), round(width * factor * scale)
+        level_h, level_w = geometry.level_size(base_h, base_w, scale, config.resize, level_factor)
         if min(level_h, level_w) < max(min_side, 1):
             skipped.append(scale)
         else:
-            sizes.append((scale, level_h, level_w))
+            levels.append((scale, level_h, level_w))
     if skipped:
         LOGGER.warning("%s: %dx%d: pyramid scale(s) %s skipped (a level needs at least %d px a side)%s",
                        name or "image", width, height, ", ".join(f"{s:g}" for s in skipped), max(min_side, 1),
-                       "" if sizes else "; no features")
-    return sizes
+                       "" if levels else "; no features")
+    return PyramidPlan((base_h, base_w), resize_yx, levels)
+
+
+def level_sizes(height: int, width: int, config: ExtractionConfig, name: str = "",
+                min_side: int = MIN_LEVEL_SIDE) -> list[tuple[float, int, int]]:
+    """(scale, level height, level width) of every level the network can run on (pyramid_plan)."""
+    return pyramid_plan(height, width, config, name, min_side).levels
 
 
 def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
@@ -164,17 +195,19 @@ def pyramid_inputs(image: np.ndarray, config: ExtractionConfig, name: str = "",
     the levels and their scale_yx refer to the full size, so locations come out in its pixels.
     """
     height, width = full_size or image.shape[:2]
-    sizes = level_sizes(height, width, config, name, min_side)
+    plan = pyramid_plan(height, width, config, name, min_side)
+    if not plan.levels:
+        return []
     if config.resize == "tf_legacy":
-        normalized = normalize_image_hwc(image) if sizes else None
+        normalized = normalize_image_hwc(resize_image(image, *plan.base_size))
         return [
             LevelInput(scale, (level_h / height, level_w / width),
                        np.ascontiguousarray(tf_legacy_resize_bilinear(normalized, level_h, level_w)
-                                            .transpose(2, 0, 1)[None]))
-            for scale, level_h, level_w in sizes
+                                            .transpose(2, 0, 1)[None]), resize_yx=plan.resize_yx)
+            for scale, level_h, level_w in plan.levels
         ]
     return [
         LevelInput(scale, (level_h / height, level_w / width),
                    normalize_images(resize_image(image, level_h, level_w)[None]))
-        for scale, level_h, level_w in sizes
+        for scale, level_h, level_w in plan.levels
     ]

@@ -55,7 +55,8 @@ IGNORED_TF_VARIABLES: tuple[tuple[str, str], ...] = (
 )
 
 # The release configurations (delf_config_example.pbtxt, detect_to_retrieve/delf_gld_config.pbtxt):
-# 7 scales, at most 1000 features with attention >= 100, no NMS (iou 1), PCA without whitening.
+# 7 scales, at most 1000 features with attention >= 100, no NMS (iou 1), PCA without whitening,
+# no max/min_image_size; TF's extractor never downscales, hence no memory bound either.
 PRESETS: dict[str, dict] = {
     "delf_v1": {"pca_dim": 40},
     "delf_gld": {"pca_dim": 128},
@@ -284,7 +285,8 @@ def preset_text(preset: str, pca_paths: dict[str, Path] | None, source: str) -> 
         "  max_feature_num: 1000",
         "  score_threshold: 100.0",
         "  iou_threshold: 1.0",
-        "  resize: tf_legacy            # TF1 resize_bilinear of the normalised image, as the release's graph",
+        "  resize: tf_legacy            # TF1 DELF's extractor: its resize_bilinear, level sizes and geometry",
+        "  max_pixels_per_scale: -1     # no bound, as TF: memory grows with the image (docs/published-models.md)",
         f"  use_pca: {'true' if pca_paths else 'false'}",
         f"  pca_dim: {PRESETS[preset]['pca_dim']}",
         "  use_whitening: false",

@@ -113,7 +113,12 @@ def test_canvas_sides_hold_every_level_of_any_image():
     with pytest.raises(InputError, match="max_image_size"):
         canvas_sides(ExtractionConfig())
 
-    config = ExtractionConfig(max_image_size=63, image_scales=(0.25, 0.3536, 0.7071, 1.0, 1.4142))
+    for resize in ("pillow", "tf_legacy"):
+        config = ExtractionConfig(max_image_size=63, image_scales=(0.25, 0.3536, 0.7071, 1.0, 1.4142), resize=resize)
+        check_canvas_holds_every_level(config)
+
+
+def check_canvas_holds_every_level(config):
     sides = dict(zip(config.image_scales, canvas_sides(config), strict=True))
     rng = np.random.default_rng(0)
     for height, width in rng.integers(10, 400, size=(40, 2)):
@@ -493,10 +498,12 @@ def run_fake(binary, work, *options):
                            *options], capture_output=True, text=True, timeout=60)
 
 
-def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_runner, images_dir, tmp_path):
-    """Canvas inputs, the C++ loop, then postprocess: every valid cell comes back at its own location."""
+@pytest.mark.parametrize("resize", ["pillow", "tf_legacy"])
+def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(resize, fake_runner, images_dir, tmp_path):
+    """Canvas inputs, the C++ loop, then postprocess: every valid cell comes back at its own location
+    (tf_legacy: TF's, from the image resized first, src/extraction/geometry.py)."""
     config = ExtractionConfig(image_scales=(0.5, 1.0), max_image_size=300, score_threshold=0.0,
-                              max_feature_num=10_000, use_pca=False)
+                              max_feature_num=10_000, use_pca=False, resize=resize)
     work = tmp_path / "work"
     preprocess(plan_jobs(images_dir, list(PAIR)), config, work, "canvas", progress=False)
     (work / INPUTS_DIR / "junk.txt").write_text("not an input")  # ignored: not *.bin
@@ -511,18 +518,25 @@ def test_cpp_file_protocol_round_trips_through_preprocess_and_postprocess(fake_r
         features, attributes = read_store(tmp_path / "features" / DEFAULT_STORE, name)
         height, width = attributes["image_size"]
         factor = 300 / max(height, width)
+        base = np.array([round(height * factor), round(width * factor)])  # tf_legacy: Pillow resizes first
         expected = 0
         for scale in config.image_scales:
-            at_level = features.scales == np.float32(1 / scale)
-            valid = [block3_output_size(round(side * factor * scale)) for side in (height, width)]
+            if resize == "tf_legacy":
+                at_level = features.scales == np.float32(1) / np.float32(scale)
+                level = np.rint(base.astype(np.float32) * np.float32(scale)).astype(int)
+                cell_to_image = np.float32(scale) * base / [height, width]  # nominal scale, then resize factors
+            else:
+                at_level = features.scales == np.float32(1 / scale)
+                level = np.array([round(height * factor * scale), round(width * factor * scale)])
+                cell_to_image = level / [height, width]  # the level's actual factors
+            valid = [block3_output_size(side) for side in level]
             expected += valid[0] * valid[1]
             # Decode the cell from the fake outputs; the canvas map is block3_output_size(canvas) wide.
             map_width = block3_output_size(canvas[scale])
             rows, columns = np.divmod(features.attention[at_level].astype(int) - 1, map_width)
             assert rows.max() < valid[0] and columns.max() < valid[1]
-            level_factor = np.array([round(height * factor * scale) / height, round(width * factor * scale) / width])
-            np.testing.assert_allclose(features.locations[at_level], 32.0 * np.stack([rows, columns], 1) / level_factor,
-                                       rtol=1e-5)
+            np.testing.assert_allclose(features.locations[at_level],
+                                       32.0 * np.stack([rows, columns], 1) / cell_to_image, rtol=1e-5)
             raw = np.stack([rows + 1, columns + 1], 1) / np.hypot(rows + 1, columns + 1)[:, None]
             np.testing.assert_allclose(features.descriptors[at_level], raw, rtol=1e-5)
         assert len(features.locations) == expected

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from src.extraction.keypoints import BoxList, box_centers, iou, non_max_suppression, receptive_boxes
+from src.extraction.geometry import box_centers
+from src.extraction.keypoints import BoxList, iou, non_max_suppression, receptive_boxes
 
 
 def brute_iou(a, b):

@@ -10,7 +10,6 @@ TensorFlow computes on a real photo. The project itself never imports TensorFlow
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import struct
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_venv
 from mindspore import Tensor
 from PIL import Image
 from release_server import run_download_script
@@ -34,7 +34,6 @@ from src.model.network import DelfModel, block3_output_size
 from src.model.tf_delf import import_release, list_variables, read_tf_delf
 from src.model.weights import build_extraction_model, load_weights
 
-TF_VENV = Path(os.environ.get("DELF_TF_VENV", Path.home() / ".cache" / "delf" / "tf-venv"))
 GENERATOR = Path(__file__).parent / "tf_reference" / "make_delf_v1.py"
 IMAGE_SIZE = (257, 321)  # odd sides: every padding rule of the network is exercised
 NETWORK_SCALES = (1.0, 0.7071)  # 257x321 and 182x227: both parities after conv1
@@ -49,14 +48,7 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def run_tensorflow(*arguments: str) -> None:
-    python = TF_VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"the test-only TensorFlow environment is missing ({python}): run "
-                    "`bash scripts/setup_tf_env.sh` (scripts/install.sh --test does)", pytrace=False)
-    result = subprocess.run([str(python), str(GENERATOR), *arguments], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
-    if result.returncode:
-        pytest.fail(f"{GENERATOR.name} {arguments[0]} failed:\n{result.stderr[-4000:]}", pytrace=False)
+    tf_venv.run_tensorflow(GENERATOR, *arguments, timeout=900)
 
 
 @pytest.fixture(scope="module")
