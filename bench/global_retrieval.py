@@ -47,7 +47,7 @@ from bench.synthetic_delf import (  # noqa: E402
 )
 from src.matching.verify import match_features_batch  # noqa: E402
 from src.retrieval.global_index import open_or_build_global_index  # noqa: E402
-from src.retrieval.inverted_file import build_index  # noqa: E402
+from src.retrieval.index_build import build_index  # noqa: E402
 from src.retrieval.rerank import rerank_by_inliers, shortlist  # noqa: E402
 
 ONE_MILLION = 1_000_000

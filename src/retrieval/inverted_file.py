@@ -33,7 +33,6 @@ after a check for room: a full disk is one line, never a SIGBUS from a mapped fi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -46,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model_utils.cli import InputError
-from src.retrieval import asmk
+from src.retrieval import asmk, index_files
 from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles
 
 LOGGER = logging.getLogger("delf.retrieval")
@@ -428,31 +427,9 @@ class AsmkIndex:
         return self.files.num_bytes() + (self.directory / MANIFEST_FILE).stat().st_size
 
 
-_HELD_LOCKS: set[Path] = set()
-
-
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """One writer at a time (flock on the index directory; re-entrant within this process);
-    readers need no lock."""
-    if directory.exists() and not directory.is_dir():
-        raise InputError(f"{WHAT} folder {directory} is a file, not a folder")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create {WHAT} folder {directory}: {error.strerror}") from None
-    key = directory.resolve()
-    if key in _HELD_LOCKS:
-        yield
-        return
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        _HELD_LOCKS.add(key)
-        yield
-    finally:
-        _HELD_LOCKS.discard(key)
-        os.close(handle)
+def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """One writer of the ASMK index in `directory` at a time (index_files.locked)."""
+    return index_files.locked(directory, WHAT)
 
 
 def _clear(directory: Path) -> None:
