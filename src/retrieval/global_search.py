@@ -99,9 +99,8 @@ class GlobalScorer:
         scores = self._score(queries)
         count = min(self.settings.query_expansion, scores.shape[1])
         if count:
-            # The best `count` per query: ties broken by database order, as everywhere in ranking.
-            order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)
-            best = order[:, :count]
+            # The best `count` per query; a stable sort breaks ties by database order, as every ranking does.
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :count]
             expanded = alpha_query_expansion(queries, self._rows(best), np.take_along_axis(scores, best, axis=1),
                                              self.settings.expansion_alpha)
             scores = self._score(expanded)

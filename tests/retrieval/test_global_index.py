@@ -94,6 +94,9 @@ def test_added_images_go_to_a_new_segment_and_segments_merge(tmp_path, monkeypat
     index = open_or_build_global_index(tmp_path / "g", source, source.ids[:20])
     assert len(index.segments) == 2 and source.reads == 20  # only the new images were read
     assert_exact(index, source)
+    _, numbers = index.search(queries(), 15)  # the top 15 over both segments (10 + 10 images)
+    brute = queries().astype(np.float64) @ matrix(source, source.ids[:20]).T
+    np.testing.assert_array_equal(numbers, np.argsort(-brute, axis=1, kind="stable")[:, :15])
     monkeypatch.setattr(global_index_module, "SEGMENT_IMAGES", 16)
     monkeypatch.setattr(global_index_module, "MAX_SEGMENTS", 0)
     index = open_or_build_global_index(tmp_path / "g", source, source.ids)  # 3 segments of 10 > 2 of 16: merged
