@@ -7,16 +7,18 @@ positives). Per size (the index grown by adding images, as a growing collection 
 - global: the global-descriptor index (src/retrieval/global_index.py) built or completed from the
   generated descriptors (cumulative time: generation included); its bytes per image; the search
   before re-ranking, per query: exact scores of every image for --queries queries in one matrix
-  product (as retrieve() scores them), divided by the queries, plus ordering the database by score
-  (the lexsort every ranking does); for reference also one query alone and faiss.knn's top
-  --shortlist_size; then re-ranking the top --shortlist_size with one batched match;
+  product (as retrieve() scores them), divided by the queries, plus taking the shortlist
+  (rerank.shortlist: the best --shortlist_size by score). Beside it: ordering the whole database
+  by score ("rank all", what the full ranking of an evaluation adds per protocol), one query
+  scored alone, and faiss.knn's top --shortlist_size; then re-ranking the shortlist with one
+  batched match;
 - asmk: the ASMK index of the same images' local features (--asmk_features per image), built or
   completed the same way; its bytes per image, its search (one query: its scores) and re-ranking.
 
 Measurements of the two modes alternate round by round (--rounds, medians), so load from other
 processes hits both alike. "found" counts positives ranked above every distractor after
 re-ranking (each query has 20, those within the database). Last, the R1M extrapolation (1M
-images): bytes and global scores proportionally (from the largest size), ordering as n log n,
+images): bytes, global scores and shortlist proportionally (from the largest size), ordering as n log n,
 asmk's search by a line fitted over the sizes (its query quantisation is a fixed part).
 
     python bench/global_retrieval.py [--sizes 10000 100000] [--queries 70] [--asmk_features 300]
@@ -129,13 +131,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(size, index, asmk_index, database, queries, args, build) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in ("scores", "order", "single", "knn", "asmk")}
+    times: dict[str, list[float]] = {name: [] for name in ("scores", "top", "order", "single", "knn", "asmk")}
     index.scores(queries)  # a first pass maps the index into the page cache
     for round_number in range(args.rounds):
         for mode in (("global", "asmk") if round_number % 2 == 0 else ("asmk", "global")):
             if mode == "global":
                 seconds, scores = timed(index.scores, queries)
                 times["scores"].append(seconds / len(queries))
+                times["top"].append(statistics.median(
+                    timed(shortlist, row, [], args.shortlist_size)[0] for row in scores[:10]))
                 times["order"].append(statistics.median(timed(order_by_score, row)[0] for row in scores[:10]))
                 times["single"].append(statistics.median(timed(index.scores, queries[q:q + 1])[0] for q in range(3)))
                 times["knn"].append(timed(index.search, queries, args.shortlist_size)[0] / len(queries))
@@ -162,14 +166,16 @@ def measure(size, index, asmk_index, database, queries, args, build) -> dict:
 def print_row(row: dict, header: bool) -> None:
     if header:
         print(f"{'images':>8} {'mode':>6} {'build s':>8} {'bytes/image':>11} {'search ms':>9} {'(scores':>8} "
-              f"{'+ order)':>8} {'1 query':>8} {'knn top':>8} {'rerank s':>8} {'found':>8}")
+              f"{'+ top)':>8} {'rank all':>8} {'1 query':>8} {'knn top':>8} {'rerank s':>8} {'found':>8}")
     counts = row["counts"]
     print(f"{row['size']:>8} {'global':>6} {row['global_build']:>8.1f} {row['global_bytes']:>11.0f} "
-          f"{1e3 * (row['scores'] + row['order']):>9.2f} {1e3 * row['scores']:>8.2f} {1e3 * row['order']:>8.2f} "
-          f"{1e3 * row['single']:>8.1f} {1e3 * row['knn']:>8.2f} {row['global_rerank']:>8.3f} "
+          f"{1e3 * (row['scores'] + row['top']):>9.2f} {1e3 * row['scores']:>8.2f} {1e3 * row['top']:>8.2f} "
+          f"{1e3 * row['order']:>8.2f} {1e3 * row['single']:>8.1f} {1e3 * row['knn']:>8.2f} "
+          f"{row['global_rerank']:>8.3f} "
           f"{counts['global']:>4}/{counts['wanted']:<3}")
     print(f"{row['size']:>8} {'asmk':>6} {row['asmk_build']:>8.1f} {row['asmk_bytes']:>11.0f} "
-          f"{1e3 * row['asmk']:>9.2f} {'':>8} {'':>8} {1e3 * row['asmk']:>8.1f} {'':>8} {row['asmk_rerank']:>8.3f} "
+          f"{1e3 * row['asmk']:>9.2f} {'':>8} {'':>8} {'':>8} {1e3 * row['asmk']:>8.1f} {'':>8} "
+          f"{row['asmk_rerank']:>8.3f} "
           f"{counts['asmk']:>4}/{counts['wanted']:<3}")
 
 
@@ -184,22 +190,24 @@ def line_at(sizes: list[int], values: list[float], size: int) -> float:
 
 def print_summary(rows: list[dict]) -> None:
     last, sizes = rows[-1], [row["size"] for row in rows]
-    search = last["scores"] + last["order"]
+    search = last["scores"] + last["top"]
     print(f"\nat {last['size']:,} images, per query: global search {1e3 * search:.2f} ms = scores "
-          f"{1e3 * last['scores']:.2f} + ordering {1e3 * last['order']:.2f} (target <= {TARGETS['search_ms']:.0f} ms: "
+          f"{1e3 * last['scores']:.2f} + shortlist {1e3 * last['top']:.2f} (target <= {TARGETS['search_ms']:.0f} ms: "
           f"{'met' if 1e3 * search <= TARGETS['search_ms'] else 'MISSED'}); asmk search {1e3 * last['asmk']:.2f} ms "
-          f"(global / asmk = {search / last['asmk']:.2f}x); one query alone {1e3 * last['single']:.1f} ms")
+          f"(global / asmk = {search / last['asmk']:.2f}x); one query alone {1e3 * last['single']:.1f} ms; "
+          f"ordering all images {1e3 * last['order']:.2f} ms")
     met = last["global_bytes"] <= TARGETS["bytes_per_image"]
     print(f"global index {last['global_bytes']:.0f} bytes per image (target <= {TARGETS['bytes_per_image']:.0f}: "
           f"{'met' if met else 'MISSED'}); asmk {last['asmk_bytes']:.0f}")
     # One product streams every descriptor once: proportional to the images (from the largest size).
-    scores, single = (last[name] * ONE_MILLION / last["size"] for name in ("scores", "single"))
+    scores, top, single = (last[name] * ONE_MILLION / last["size"] for name in ("scores", "top", "single"))
     order = last["order"] * ONE_MILLION * math.log(ONE_MILLION) / (last["size"] * math.log(last["size"]))
     asmk = line_at(sizes, [row["asmk"] for row in rows], ONE_MILLION)
     print(f"extrapolation to {ONE_MILLION:,} images (R1M):")
     print(f"  global: index {last['global_bytes'] * ONE_MILLION / 2**30:.1f} GiB (memory-mapped; in RAM when the "
-          f"page cache holds it), search {1e3 * (scores + order):.0f} ms per query (scores {1e3 * scores:.0f} ms, "
-          f"proportional; ordering {1e3 * order:.0f} ms, n log n), one query alone {1e3 * single:.0f} ms, re-rank "
+          f"page cache holds it), search {1e3 * (scores + top):.0f} ms per query (scores {1e3 * scores:.0f} ms + "
+          f"shortlist {1e3 * top:.0f} ms, proportional), ordering all images {1e3 * order:.0f} ms (n log n), "
+          f"one query alone {1e3 * single:.0f} ms, re-rank "
           f"{last['global_rerank']:.2f} s")
     print(f"  asmk: index {last['asmk_bytes'] * ONE_MILLION / 2**30:.1f} GiB, search {1e3 * asmk:.0f} ms per query "
           f"(line fit), re-rank {last['asmk_rerank']:.2f} s")

@@ -56,8 +56,18 @@ VerifiedCallback = Callable[[int, Mapping[int, tuple[int, int]], Mapping[str, np
 def shortlist(initial_scores: np.ndarray, junk: np.ndarray | Sequence[int], shortlist_size: int) -> np.ndarray:
     """The `shortlist_size` best-scoring non-junk database indices, best first (ties: database order)."""
     initial_scores = np.asarray(initial_scores, dtype=np.float64)
-    initial_order = np.lexsort((np.arange(len(initial_scores)), -initial_scores))
-    return initial_order[~np.isin(initial_order, np.asarray(junk, dtype=np.int64))][:shortlist_size]
+    junk = np.asarray(junk, dtype=np.int64)
+    if shortlist_size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.arange(len(initial_scores))
+    wanted = shortlist_size + len(junk)  # the shortlist is among the `wanted` best, whatever the junk
+    if wanted < len(initial_scores) // 4:
+        # Only the best `wanted` (and images tied with the last of them) are sorted: a partition is
+        # O(n) where sorting all is O(n log n), ~7 ms at 100,000 images.
+        threshold = np.partition(initial_scores, len(initial_scores) - wanted)[len(initial_scores) - wanted]
+        candidates = np.flatnonzero(initial_scores >= threshold)
+    initial_order = candidates[np.lexsort((candidates, -initial_scores[candidates]))]
+    return initial_order[~np.isin(initial_order, junk)][:shortlist_size]
 
 
 def rerank_by_inliers(

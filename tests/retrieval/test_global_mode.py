@@ -15,7 +15,7 @@ from src.matching.verify import match_features
 from src.perform_retrieval import main
 from src.retrieval.global_index import open_or_build_global_index
 from src.retrieval.global_search import GlobalScorer, alpha_query_expansion, database_augmentation
-from src.retrieval.rerank import retrieve
+from src.retrieval.rerank import retrieve, shortlist
 
 LOCAL_DIM = 16
 SCENE_POINTS = 90
@@ -157,6 +157,19 @@ def test_shortlist_zero_is_the_global_ranking(world):
         expected = np.lexsort((np.arange(len(imlist)), -scores))
         for protocol in PROTOCOLS:
             np.testing.assert_array_equal(ranks[protocol][:, column], expected)
+
+
+def test_shortlist_by_partition_equals_sorting_everything():
+    """shortlist() sorts only the best images of a large database: the same result as sorting all
+    (written here with Python's sort), with ties at the boundary and junk among the best."""
+    rng = np.random.default_rng(5)
+    for size, levels, junk_count, shortlist_size in [(1000, 7, 30, 20), (1000, 1000, 0, 5), (400, 3, 50, 100),
+                                                      (50, 4, 5, 10), (30, 2, 0, 0), (2000, 5, 400, 1)]:
+        scores = rng.integers(0, levels, size).astype(np.float32) / levels  # many exact ties
+        junk = rng.choice(size, junk_count, replace=False)
+        junk[: junk_count // 2] = np.argsort(-scores, kind="stable")[: junk_count // 2]  # junk among the best
+        expected = [i for i in sorted(range(size), key=lambda i: (-scores[i], i)) if i not in set(junk.tolist())]
+        np.testing.assert_array_equal(shortlist(scores, junk, shortlist_size), expected[:shortlist_size])
 
 
 def test_alpha_query_expansion_hand_computed(tmp_path):
