@@ -225,6 +225,8 @@ class GlobalIndex:
             bar = tqdm(total=len(pending), desc=f"{WHAT}: add images", unit="image", disable=not progress)
             for start in range(0, len(pending), SEGMENT_IMAGES):
                 chunk = pending[start:start + SEGMENT_IMAGES]
+                if self.dim:
+                    self.files.require_room(len(chunk) * (4 * self.dim + 100), f"adding {len(chunk)} images")
                 # The checksum is read before the descriptor: a change in between shows as a changed
                 # checksum next time, never as a stale descriptor under a current checksum.
                 rows = (([source.checksum(image_id)], self._checked(image_id, source.global_descriptor(image_id)))
@@ -268,6 +270,7 @@ class GlobalIndex:
         """Rewrite all segments as full ones (SEGMENT_IMAGES images each), streaming; one commit."""
         with locked(self.directory):
             total, merged = len(self.image_ids), []
+            self.files.require_room(total * (4 * self.dim + 100), "merging its segments")  # the old stay until then
             for first in range(0, total, SEGMENT_IMAGES):
                 stop = min(first + SEGMENT_IMAGES, total)
                 starts = range(first, stop, SCORE_BLOCK_ROWS)
