@@ -41,7 +41,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from src.retrieval import index_files
 from src.retrieval.faiss_setup import faiss
-from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, OutdatedIndexError
+from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, OutdatedIndexError, string_list
 
 LOGGER = logging.getLogger("delf.retrieval")
 
@@ -99,13 +99,6 @@ class _Segment:
     checksums: list[str]
 
 
-def _string_list(value: object, length: int | None = None) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value) or \
-            (length is not None and len(value) != length):
-        raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
-    return value
-
-
 class GlobalIndex:
     """A global-descriptor index directory: add images, score queries against every indexed image."""
 
@@ -154,7 +147,7 @@ class GlobalIndex:
             return None
         try:
             dim, num_images, next_segment = int(meta["dim"]), int(meta["num_images"]), int(meta["next_segment"])
-            segments, fingerprint = _string_list(meta["segments"]), meta["source_fingerprint"]
+            segments, fingerprint = string_list(meta["segments"]), meta["source_fingerprint"]
             if not all(_SEGMENT_NAME.fullmatch(name) for name in segments) or not isinstance(fingerprint, str | None):
                 raise ValueError("bad segment names or fingerprint")
         except (KeyError, TypeError, ValueError) as error:
@@ -175,8 +168,8 @@ class GlobalIndex:
             first_image = listing["first_image"]
             if not isinstance(first_image, int):
                 raise ValueError("first_image is not a number")
-            image_ids = _string_list(listing["image_ids"])
-            checksums = _string_list(listing["checksums"], len(image_ids))
+            image_ids = string_list(listing["image_ids"])
+            checksums = string_list(listing["checksums"], len(image_ids))
         except (KeyError, TypeError, ValueError) as error:
             raise self.files.damaged(f"{name}.images.json has a bad entry ({error})") from None
         descriptors = self.files.load_array(f"{name}.descriptors.npy", np.float32, 2, mmap=True)

@@ -358,6 +358,14 @@ class IndexFiles:
                         "again", self.what, self.directory, error.strerror or error)
 
 
+def string_list(value: object, length: int | None = None) -> list[str]:
+    """`value` (read from a JSON document) when it is a list of strings (of `length`), else ValueError."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value) or \
+            (length is not None and len(value) != length):
+        raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
+    return value
+
+
 _HELD_LOCKS: set[Path] = set()
 
 

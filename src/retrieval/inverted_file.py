@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from src.retrieval import asmk, index_files
-from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles
+from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, string_list
 
 LOGGER = logging.getLogger("delf.retrieval")
 
@@ -92,13 +92,6 @@ class _Segment:
     @property
     def num_entries(self) -> int:
         return int(self.offsets[-1])
-
-
-def _string_list(value: object, length: int | None = None) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or \
-            (length is not None and len(value) != length):
-        raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
-    return value
 
 
 class AsmkIndex:
@@ -172,7 +165,7 @@ class AsmkIndex:
             return None
         try:
             dim, size, two_level = int(meta["dim"]), int(meta["codebook_size"]), bool(meta["two_level"])
-            segments, next_segment = _string_list(meta["segments"]), int(meta["next_segment"])
+            segments, next_segment = string_list(meta["segments"]), int(meta["next_segment"])
             removed = [int(number) for number in meta["removed"]]
             fingerprint = meta["source_fingerprint"]
             if not all(_SEGMENT_NAME.fullmatch(name) for name in segments) or not isinstance(fingerprint, str | None):
@@ -204,9 +197,9 @@ class AsmkIndex:
             first_image = listing["first_image"]
             if not isinstance(first_image, int):
                 raise ValueError("first_image is not a number")
-            image_ids = _string_list(listing["image_ids"])
-            settings_hashes = _string_list(listing["settings_hashes"], len(image_ids))
-            checksums = _string_list(listing["checksums"], len(image_ids))
+            image_ids = string_list(listing["image_ids"])
+            settings_hashes = string_list(listing["settings_hashes"], len(image_ids))
+            checksums = string_list(listing["checksums"], len(image_ids))
         except (KeyError, TypeError, ValueError) as error:
             raise files.damaged(f"{name}.images.json has a bad entry ({error})") from None
         offsets = files.load_array(f"{name}.offsets.npy", np.int64, 1)
