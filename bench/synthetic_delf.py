@@ -104,3 +104,39 @@ class SyntheticSource:
 
     def fingerprint(self) -> None:
         return None  # check every image's content (all equal here) whenever an index is opened
+
+
+GLOBAL_DIM = 2048
+
+
+class SyntheticGlobal:
+    """DELG-like global descriptors (GLOBAL_DIM-D unit vectors) of a SyntheticDatabase's images and
+    queries, as a global-index source (src/retrieval/global_index.GlobalSource).
+
+    A view of a scene is normalize(scene vector + noise of norm 0.8-1.6): two views of one scene
+    have inner products of about 0.3-0.6, views of different scenes about 0 (+-0.02)."""
+
+    def __init__(self, database: SyntheticDatabase, dim: int = GLOBAL_DIM) -> None:
+        self.database, self.dim = database, dim
+        rng = np.random.default_rng([database.seed, 4])
+        self.scenes = _unit_rows(rng.standard_normal((NUM_QUERY_SCENES + NUM_DISTRACTOR_SCENES, dim), np.float32))
+
+    def _view(self, scene: int, rng: np.random.Generator) -> np.ndarray:
+        noise = rng.standard_normal(self.dim, dtype=np.float32)
+        noise *= rng.uniform(0.8, 1.6) / np.linalg.norm(noise)
+        return _unit_rows(self.scenes[scene] + noise)
+
+    def image(self, number: int) -> np.ndarray:
+        return self._view(self.database.scene_of(number), np.random.default_rng([self.database.seed, 5, number]))
+
+    def query(self, query: int) -> np.ndarray:
+        return self._view(query % NUM_QUERY_SCENES, np.random.default_rng([self.database.seed, 6, query]))
+
+    def global_descriptor(self, image_id: str) -> np.ndarray:
+        return self.image(int(image_id[len("image"):]))
+
+    def checksum(self, image_id: str) -> str:
+        return f"{self.database.seed}:{self.dim}:{image_id}"  # images are functions of these
+
+    def fingerprint(self) -> None:
+        return None

@@ -170,12 +170,20 @@ class RetrievalConfig:
     """Ranking a database for each query: a shortlist re-ranked by RANSAC inliers, or RANSAC on every image."""
 
     mode: str = field(default="asmk", **_option("asmk: DELF-ASMK* shortlist (index file beside the feature store) + "
-                                                "RANSAC re-ranking; exhaustive: RANSAC against every database "
-                                                "image (the reference)", ("asmk", "exhaustive")))
+                                                "RANSAC re-ranking; global: DELG global descriptors (index beside "
+                                                "the store) + RANSAC re-ranking; exhaustive: RANSAC against every "
+                                                "database image (the reference)", ("asmk", "global", "exhaustive")))
     shortlist_size: int = field(default=100, **_option("images re-ranked by RANSAC"))
     codebook_size: int = field(default=0, **_option("asmk: visual words; 0 = 16 per database image as a power "
                                                     "of two, at most 65536"))
     query_assignments: int = field(default=5, **_option("asmk: visual words each query descriptor is assigned to"))
+    query_expansion: int = field(default=0, **_option("global: αQE over each query's N best database images "
+                                                      "(0 = off)"))
+    database_augmentation: int = field(default=0, **_option("global: αDBA over each database image's N nearest "
+                                                            "images, itself included (0 = off; holds the database "
+                                                            "in memory, N^2 cost: Oxford/Paris sizes)"))
+    expansion_alpha: float = field(default=3.0, **_option("global: α, the power of the similarity weights of αQE "
+                                                          "and αDBA"))
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -186,6 +194,11 @@ class RetrievalConfig:
             problems.append(f"codebook_size must be >= 0 (0 = chosen from the database size), got {self.codebook_size}")
         if self.query_assignments < 1:
             problems.append(f"query_assignments must be >= 1, got {self.query_assignments}")
+        if self.query_expansion < 0 or self.database_augmentation < 0:
+            problems.append("query_expansion and database_augmentation must be >= 0 (0 = off), got "
+                            f"{self.query_expansion} and {self.database_augmentation}")
+        if not (math.isfinite(self.expansion_alpha) and self.expansion_alpha >= 0):
+            problems.append(f"expansion_alpha must be a finite number >= 0, got {self.expansion_alpha}")
         if problems:
             raise ConfigError("invalid retrieval settings: " + "; ".join(problems))
 

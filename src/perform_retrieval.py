@@ -2,10 +2,11 @@
 mAP.txt, metrics.json, run.json + inliers.npz and report.html (with pictures when --images_path is given).
 
     python -m src.perform_retrieval --query_features Q.h5 --index_features I.h5 --gt_path GT \
-        --output_dir OUT [--images_path DIR] [--asmk_index DIR] [--retrieval.mode=exhaustive]
+        --output_dir OUT [--images_path DIR] [--asmk_index DIR] [--retrieval.mode=global|exhaustive]
 
 The asmk mode (default) keeps its index in I.h5.asmk/ beside the store (built on first use,
-completed when images are added), or in --asmk_index.
+completed when images are added), or in --asmk_index; the global mode (DELG global descriptors)
+in I.h5.global/, or in --global_index.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="image directory: the report's pictures; with txt gt its sorted names are the database")
     parser.add_argument("--output_dir", required=True, help="where ranks_*.npy, mAP.txt and retrieval.log go")
     parser.add_argument("--asmk_index", default="", help="ASMK index folder (default: <index_features>.asmk)")
+    parser.add_argument("--global_index", default="",
+                        help="global-descriptor index folder (default: <index_features>.global)")
     config, args = get_config_and_args(argv, parser)
     output_dir = require_writable_dir(args.output_dir)
     image_names = sorted(list_images(args.images_path)) if args.images_path else None
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         with open_store(args.query_features) as query_store, open_store(args.index_features) as index_store:
             ranks = retrieve(query_store, index_store, ground_truth["imlist"], ground_truth["qimlist"],
                              junk_by_protocol(ground_truth), settings=config.retrieval, matching=config.matching,
-                             seed=config.seed, asmk_index_dir=args.asmk_index or None, record_verified=verified)
+                             seed=config.seed, asmk_index_dir=args.asmk_index or None,
+                             global_index_dir=args.global_index or None, record_verified=verified)
         timing = {"retrieval": time.perf_counter() - started}
         log.info("retrieval took %.1f s", timing["retrieval"])
         ranks_paths = dict(zip(ranks, save_ranks(ranks, output_dir), strict=True))

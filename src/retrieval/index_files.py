@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -355,6 +356,41 @@ class IndexFiles:
         except OSError as error:
             LOGGER.info("%s %s: cannot record which files were verified (%s); the next open verifies them "
                         "again", self.what, self.directory, error.strerror or error)
+
+
+def string_list(value: object, length: int | None = None) -> list[str]:
+    """`value` (read from a JSON document) when it is a list of strings (of `length`), else ValueError."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value) or \
+            (length is not None and len(value) != length):
+        raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
+    return value
+
+
+_HELD_LOCKS: set[Path] = set()
+
+
+@contextlib.contextmanager
+def locked(directory: Path, what: str) -> Iterator[None]:
+    """One writer of the index in `directory` at a time (flock on the directory; re-entrant within
+    this process); readers need no lock. `what` names the index in errors."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{what} folder {directory} is a file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {what} folder {directory}: {error.strerror}") from None
+    key = directory.resolve()
+    if key in _HELD_LOCKS:
+        yield
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(key)
+        yield
+    finally:
+        _HELD_LOCKS.discard(key)
+        os.close(handle)
 
 
 def _now_ns() -> int:

@@ -33,7 +33,6 @@ after a check for room: a full disk is one line, never a SIGBUS from a mapped fi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -46,8 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 from model_utils.cli import InputError
-from src.retrieval import asmk
-from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles
+from src.retrieval import asmk, index_files
+from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, string_list
 
 LOGGER = logging.getLogger("delf.retrieval")
 
@@ -93,13 +92,6 @@ class _Segment:
     @property
     def num_entries(self) -> int:
         return int(self.offsets[-1])
-
-
-def _string_list(value: object, length: int | None = None) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or \
-            (length is not None and len(value) != length):
-        raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
-    return value
 
 
 class AsmkIndex:
@@ -173,7 +165,7 @@ class AsmkIndex:
             return None
         try:
             dim, size, two_level = int(meta["dim"]), int(meta["codebook_size"]), bool(meta["two_level"])
-            segments, next_segment = _string_list(meta["segments"]), int(meta["next_segment"])
+            segments, next_segment = string_list(meta["segments"]), int(meta["next_segment"])
             removed = [int(number) for number in meta["removed"]]
             fingerprint = meta["source_fingerprint"]
             if not all(_SEGMENT_NAME.fullmatch(name) for name in segments) or not isinstance(fingerprint, str | None):
@@ -205,9 +197,9 @@ class AsmkIndex:
             first_image = listing["first_image"]
             if not isinstance(first_image, int):
                 raise ValueError("first_image is not a number")
-            image_ids = _string_list(listing["image_ids"])
-            settings_hashes = _string_list(listing["settings_hashes"], len(image_ids))
-            checksums = _string_list(listing["checksums"], len(image_ids))
+            image_ids = string_list(listing["image_ids"])
+            settings_hashes = string_list(listing["settings_hashes"], len(image_ids))
+            checksums = string_list(listing["checksums"], len(image_ids))
         except (KeyError, TypeError, ValueError) as error:
             raise files.damaged(f"{name}.images.json has a bad entry ({error})") from None
         offsets = files.load_array(f"{name}.offsets.npy", np.int64, 1)
@@ -428,31 +420,9 @@ class AsmkIndex:
         return self.files.num_bytes() + (self.directory / MANIFEST_FILE).stat().st_size
 
 
-_HELD_LOCKS: set[Path] = set()
-
-
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """One writer at a time (flock on the index directory; re-entrant within this process);
-    readers need no lock."""
-    if directory.exists() and not directory.is_dir():
-        raise InputError(f"{WHAT} folder {directory} is a file, not a folder")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create {WHAT} folder {directory}: {error.strerror}") from None
-    key = directory.resolve()
-    if key in _HELD_LOCKS:
-        yield
-        return
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        _HELD_LOCKS.add(key)
-        yield
-    finally:
-        _HELD_LOCKS.discard(key)
-        os.close(handle)
+def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """One writer of the ASMK index in `directory` at a time (index_files.locked)."""
+    return index_files.locked(directory, WHAT)
 
 
 def _clear(directory: Path) -> None:

@@ -237,3 +237,32 @@ def test_rescoring_and_rebuilding_write_the_same_report(evaluated, database, tmp
         return re.sub(r"page built [^<]*", "", text)
 
     assert without_build_time((output / "report.html").read_text()) == without_build_time(before)
+
+
+# DELG: the 128-D autoencoder code without PCA; the global descriptor from both levels of the small pyramid.
+DELG_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.global_scale_indices=[0,1]",
+                 "--extraction.max_image_size=320", "--extraction.score_threshold=0", "--extraction.use_pca=false",
+                 "--extraction.feature_depth=128", "--mode=pynative", "--retrieval.mode=global",
+                 "--matching.distance_threshold=1.0", "--extraction.descriptor_dtype=int8"]
+
+
+@pytest.mark.slow
+def test_delg_global_mode_end_to_end(database, random_delg_checkpoint, tmp_path):
+    """eval.py with a DELG checkpoint and --retrieval.mode=global: global descriptors and int8 local
+    descriptors stored, the global index built beside the store, every image re-ranked (shortlist
+    100 > 11 images), so each query's stride-aligned crop finds its own image first."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path)}
+    done = subprocess.run(["bash", "scripts/run_eval_retrieval_images.sh", str(database["images"]),
+                           str(database["gt_dir"]), str(random_delg_checkpoint), "0", *DELG_SETTINGS],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = np.load(tmp_path / "ranks_medium.npy", allow_pickle=False)
+    assert all(sorted(column) == list(range(len(database["imlist"]))) for column in ranks.T)
+    for column, query in enumerate(sorted(QUERIES)):
+        assert database["imlist"][ranks[0, column]] == query
+    assert (tmp_path / "features" / "index_features.h5.global" / "index.json").is_file()
+    with FeatureStore(tmp_path / "features" / "index_features.h5") as index:
+        stored = index.stored(database["imlist"][0])
+        assert stored.arrays.descriptor_dtype == "int8" and stored.features.descriptors.shape[1] == 128
+        assert stored.global_descriptor.shape == (2048,)
+    assert "global index" in (tmp_path / "retrieval.log").read_text()

@@ -304,7 +304,7 @@ def test_missing_images_and_bad_settings(world):
         missing_query = dict(ground_truth, qimlist=["query0", "query9"], gnd=ground_truth["gnd"][:2])
         with pytest.raises(InputError, match=r"1 query image\(s\) have no features in .*query\.h5, e\.g\. 'query9'"):
             retrieve_gt(queries, index, missing_query)
-        with pytest.raises(InputError, match="mode: 'fast' is not one of asmk, exhaustive"):
+        with pytest.raises(InputError, match="mode: 'fast' is not one of asmk, global, exhaustive"):
             retrieve_gt(queries, index, ground_truth, mode="fast")
         with pytest.raises(InputError, match="max_trials must be at least 1"):
             retrieve_gt(queries, index, ground_truth, max_trials=0)
