@@ -260,6 +260,8 @@ def preset_text(preset: str, weights: ImportedDelg, source: str) -> str:
         f"  max_pixels_per_scale: {largest * largest}  # TF's largest level (1024 x 2.0 a side): never downscaled",
         "matching:",
         "  distance_threshold: 1.0     # DELG's local_feature_distance_threshold for its 128-D descriptors",
+        "retrieval:",
+        "  mode: global                # rank by the global descriptor, re-rank the top shortlist_size (100)",
     ]
     if weights.graph.resize_modes - {"legacy"}:
         modes = ", ".join(sorted(weights.graph.resize_modes))

@@ -147,6 +147,7 @@ def test_import_records_the_network_and_writes_the_preset(r101, imported_r101):
     assert not extraction.use_pca and extraction.feature_depth == 128 and extraction.resize == "tf_legacy"
     assert extraction.max_pixels_per_scale >= 2048 * 2048  # TF never downscales a level
     assert config.matching.distance_threshold == 1.0
+    assert (config.retrieval.mode, config.retrieval.shortlist_size) == ("global", 100)
     with pytest.raises(InputError, match=r"holds an R101 network, but preset r50delg_gldv2clean is a "
                                          r"r50delg_gldv2clean_20200914 \(R50\) release"):
         import_release(r101, r101.parent / "record" / "wrong.ckpt", "r50delg_gldv2clean")
