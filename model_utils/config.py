@@ -184,6 +184,13 @@ class RetrievalConfig:
                                                             "in memory, N^2 cost: Oxford/Paris sizes)"))
     expansion_alpha: float = field(default=3.0, **_option("global: α, the power of the similarity weights of αQE "
                                                           "and αDBA"))
+    stop_word_share: float = field(default=0.05, **_option(
+        "asmk: words whose lists hold more than this share of the database images (and over 100 entries) are "
+        "not searched: a stop list decided from the index's word statistics and recorded in it; 1 = none"))
+    assignment_share: float = field(default=0.02, **_option(
+        "asmk: beyond its nearest word, a query descriptor's words whose lists hold more than this share of "
+        "the images (and over 100 entries) are not searched; 1 = all query_assignments words"))
+    search_threads: int = field(default=0, **_option("asmk: threads scanning the index's lists; 0 = every core"))
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -199,6 +206,11 @@ class RetrievalConfig:
                             f"{self.query_expansion} and {self.database_augmentation}")
         if not (math.isfinite(self.expansion_alpha) and self.expansion_alpha >= 0):
             problems.append(f"expansion_alpha must be a finite number >= 0, got {self.expansion_alpha}")
+        for name in ("stop_word_share", "assignment_share"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.search_threads < 0:
+            problems.append(f"search_threads must be >= 0 (0 = every core), got {self.search_threads}")
         if problems:
             raise ConfigError("invalid retrieval settings: " + "; ".join(problems))
 

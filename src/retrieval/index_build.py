@@ -150,7 +150,7 @@ def _compare_contents(index: AsmkIndex, source: IndexSource, image_ids: Sequence
 
 def open_or_build_index(
     directory: str | os.PathLike, source: IndexSource, image_ids: Sequence[str], *, codebook_size: int = 0,
-    seed: int = 0, progress: bool = False,
+    stop_word_share: float = 1.0, seed: int = 0, progress: bool = False,
 ) -> AsmkIndex:
     """The index in `directory` holding the current features of every one of `image_ids`, built,
     completed or updated as needed.
@@ -159,7 +159,8 @@ def open_or_build_index(
     indexed again (without retraining the codebook). It is rebuilt when an indexed image's
     features were extracted with other settings, when `codebook_size` is set and differs from its
     size, or when it was written by an older version. On read-only storage an index in step with
-    the store works as usual; one that needs a change is an error naming it.
+    the store works as usual; one that needs a change is an error naming it. Its stop list is
+    decided with `stop_word_share` (AsmkIndex.set_stop_words).
     """
     directory = Path(directory)
     fingerprint = source.fingerprint()  # before anything is read: a later change shows next time
@@ -192,6 +193,7 @@ def open_or_build_index(
                 index.add(source, missing, progress=progress)
             if len(index.segments) > MAX_SEGMENTS or len(index.removed) > MAX_REMOVED_SHARE * len(index.image_ids):
                 index.merge()
+        index.set_stop_words(stop_word_share)
         # Record the fingerprint only when every indexed image was just compared (or built) against it.
         if set(index.number_of) <= set(image_ids):
             index.record_fingerprint(fingerprint)

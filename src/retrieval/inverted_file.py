@@ -7,13 +7,11 @@ file written and checked through `index_files.IndexFiles`:
   or add leaves the previous index): descriptor size, codebook size, the segments, the image
   numbers removed since the last merge, and every file's size and CRC-32;
 - `codebook.npy` (W, D) float32 centroids, `cells.npy` (C, D) for a two-level codebook;
-- per segment (the images of one build or add step, numbered consecutively):
-  `<segment>.offsets.npy` (W + 1) int64: entries of word w are rows offsets[w]:offsets[w + 1];
-  `<segment>.images.npy` (E) uint32 image number of each entry, ascending within a word;
-  `<segment>.codes.npy` (E, ceil(D / 8)) uint8 binarised residual of each entry;
-  `<segment>.words.npy` (images) uint32 number of words (= entries) of each image;
-  `<segment>.images.json` each image's id, feature settings_hash and feature checksum (the
-  feature store's per-image CRC-32: an image whose features changed is indexed again).
+- `stop_words.npy` the stop list (word ids), decided from the word statistics (set_stop_words);
+- the segments: the images of one build or add step, numbered consecutively, their entries
+  grouped by word (segments.py: offsets, image numbers, codes, words per image, and each image's
+  id, feature settings_hash and feature checksum: an image whose features changed is indexed
+  again).
 
 Every .npy is read with allow_pickle=False; entries and codes are memory-mapped, so a query
 touches only the lists of its words. Per indexed image the files hold 4 + ceil(D / 8) bytes per
@@ -23,11 +21,11 @@ Opening checks every file's size, shape and dtype, the segments' consistency (of
 from 0 to the number of entries, entries per image adding up to it, one listing per image) and,
 once per file identity, every file's CRC-32 and the image numbers' range (IndexFiles.verify).
 
-Adding streams image by image and never holds all descriptors: one image plus at most
+Adding streams ADD_BATCH images at a time and never holds all descriptors: one batch plus at most
 SEGMENT_ENTRIES buffered entries (0.4 GB measured at D = 40 including the sort); a segment is
 written whenever the buffer fills. Segments are merged into one after a build and when more
-than MAX_SEGMENTS accumulate, streaming MERGE_CHUNK entries at a time in word order (plain writes
-after a check for room: a full disk is one line, never a SIGBUS from a mapped file).
+than MAX_SEGMENTS accumulate (segments.write_merged_segment: streamed, plain writes after a check
+for room).
 """
 
 from __future__ import annotations
@@ -35,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -45,19 +41,23 @@ import numpy as np
 from tqdm import tqdm
 
 from model_utils.cli import InputError
-from src.retrieval import asmk, index_files
+from src.retrieval import asmk, index_files, segments
 from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, string_list
+from src.retrieval.scan import scan_lists
 
 LOGGER = logging.getLogger("delf.retrieval")
 
 FORMAT = "delf-asmk-index-v2"  # v2: checksums, per-image feature checksums, removed images
 OLDER_FORMATS = ("delf-asmk-index-v1",)
 WHAT = "ASMK index"
+STOP_WORDS_FILE = "stop_words.npy"
 SEGMENT_ENTRIES = 1 << 23  # ~8,500 images of 1000 features; ~140 MB buffered at D = 40
 MAX_SEGMENTS = 8
-MERGE_CHUNK = 1 << 22
-_SEGMENT_FILES = ("offsets.npy", "images.npy", "codes.npy", "words.npy", "images.json")
-_SEGMENT_NAME = re.compile(r"segment-\d{6}")
+ADD_BATCH = 64  # images whose descriptors are assigned to words in one call
+# A word is "populated" (a stop word, or searched for a descriptor's nearest word only) when its
+# list holds more than a share of the images AND more than this many entries: shorter lists cost
+# nothing to scan, and in small databases word statistics are too few to tell generic words.
+POPULATED_MIN_ENTRIES = 100
 
 
 class IndexSource(Protocol):
@@ -73,27 +73,6 @@ class IndexSource(Protocol):
         indexed image's content is read again whenever the index is opened)."""
 
 
-@dataclass
-class _Segment:
-    name: str
-    first_image: int
-    offsets: np.ndarray  # (W + 1,) int64, in memory
-    images: np.ndarray  # (E,) uint32, memory-mapped
-    codes: np.ndarray  # (E, B) uint8, memory-mapped
-    words: np.ndarray  # (num_images,) uint32
-    image_ids: list[str]
-    settings_hashes: list[str]
-    checksums: list[str]
-
-    @property
-    def num_images(self) -> int:
-        return len(self.image_ids)
-
-    @property
-    def num_entries(self) -> int:
-        return int(self.offsets[-1])
-
-
 class AsmkIndex:
     """An ASMK index directory: add images, score a query against every indexed image."""
 
@@ -106,6 +85,9 @@ class AsmkIndex:
         self.source_fingerprint = source_fingerprint
         self._kernel = asmk.kernel_of_hamming(codebook.dim)
         self._next_segment = next_segment
+        self.stop_word_share: float | None = None  # what the stop list was decided with (None: no stop list)
+        self.stop_words = np.zeros(0, dtype=np.int64)  # sorted word ids left out of searches
+        self._stop_words_changed = False
         self._forget_segments()
 
     @property
@@ -113,15 +95,16 @@ class AsmkIndex:
         return (self.codebook.dim + 7) // 8
 
     def _forget_segments(self) -> None:
-        self.segments: list[_Segment] = []
+        self.segments: list[segments.Segment] = []
         self.image_ids: list[str] = []  # by image number; a removed image's id may come again later
         self.settings_hashes: list[str] = []
         self.checksums: list[str] = []
         self.number_of: dict[str, int] = {}  # id -> number of its live entry
         self.removed: set[int] = set()  # numbers of images indexed again or dropped, until the next merge
         self.words_per_image = np.zeros(0, dtype=np.int64)
+        self.word_counts = np.zeros(self.codebook.size, dtype=np.int64)  # entries (= images) per word
 
-    def _append(self, segment: _Segment) -> None:
+    def _append(self, segment: segments.Segment) -> None:
         if segment.first_image != len(self.image_ids):
             raise self.files.damaged(f"{segment.name} starts at image {segment.first_image}, "
                                      f"expected {len(self.image_ids)}")
@@ -131,6 +114,7 @@ class AsmkIndex:
         self.settings_hashes.extend(segment.settings_hashes)
         self.checksums.extend(segment.checksums)
         self.words_per_image = np.concatenate([self.words_per_image, segment.words.astype(np.int64)])
+        self.word_counts += np.diff(segment.offsets)
 
     def _set_removed(self, removed: Iterable[int]) -> None:
         self.removed = set(removed)
@@ -165,10 +149,14 @@ class AsmkIndex:
             return None
         try:
             dim, size, two_level = int(meta["dim"]), int(meta["codebook_size"]), bool(meta["two_level"])
-            segments, next_segment = string_list(meta["segments"]), int(meta["next_segment"])
+            segment_names, next_segment = string_list(meta["segments"]), int(meta["next_segment"])
             removed = [int(number) for number in meta["removed"]]
             fingerprint = meta["source_fingerprint"]
-            if not all(_SEGMENT_NAME.fullmatch(name) for name in segments) or not isinstance(fingerprint, str | None):
+            stop_word_share = meta["stop_word_share"]
+            if stop_word_share is not None:
+                stop_word_share = float(stop_word_share)
+            if not all(segments.NAME.fullmatch(name) for name in segment_names) or \
+                    not isinstance(fingerprint, str | None):
                 raise ValueError("bad segment names or fingerprint")
         except (KeyError, TypeError, ValueError) as error:
             raise files.damaged(f"{MANIFEST_FILE} has a bad entry ({error})") from None
@@ -180,46 +168,19 @@ class AsmkIndex:
         if not np.isfinite(centroids).all() or (cells is not None and not np.isfinite(cells).all()):
             raise files.damaged("the codebook holds NaN or infinity")
         index = cls(files, asmk.Codebook(centroids, cells), next_segment, fingerprint)
-        for name in segments:
-            index._append(index._read_segment(name, deep=any(f.startswith(name) for f in checked)))
+        for name in segment_names:
+            deep = any(file.startswith(name) for file in checked)  # just verified in full: check its numbers too
+            index._append(segments.read_segment(files, name, size, index.code_width, deep))
         if meta.get("num_images") != len(index.image_ids) or any(not 0 <= n < len(index.image_ids) for n in removed):
             raise files.damaged(f"{MANIFEST_FILE} counts {meta.get('num_images')} images, the segments hold "
                                 f"{len(index.image_ids)}")
         index._set_removed(removed)
+        if stop_word_share is not None:
+            stop_words = files.load_array(STOP_WORDS_FILE, np.int64, 1)
+            if len(stop_words) and (stop_words[0] < 0 or stop_words[-1] >= size or (np.diff(stop_words) <= 0).any()):
+                raise files.damaged(f"{STOP_WORDS_FILE} is not a sorted list of word ids")
+            index.stop_word_share, index.stop_words = stop_word_share, stop_words
         return index
-
-    def _read_segment(self, name: str, deep: bool) -> _Segment:
-        """One segment's files, their shapes and consistency checked (and the image numbers'
-        range when `deep`: the files were just verified in full)."""
-        files = self.files
-        listing = files.load_json(f"{name}.images.json")
-        try:
-            first_image = listing["first_image"]
-            if not isinstance(first_image, int):
-                raise ValueError("first_image is not a number")
-            image_ids = string_list(listing["image_ids"])
-            settings_hashes = string_list(listing["settings_hashes"], len(image_ids))
-            checksums = string_list(listing["checksums"], len(image_ids))
-        except (KeyError, TypeError, ValueError) as error:
-            raise files.damaged(f"{name}.images.json has a bad entry ({error})") from None
-        offsets = files.load_array(f"{name}.offsets.npy", np.int64, 1)
-        images = files.load_array(f"{name}.images.npy", np.uint32, 1, mmap=True)
-        codes = files.load_array(f"{name}.codes.npy", np.uint8, 2, mmap=True)
-        words = files.load_array(f"{name}.words.npy", np.uint32, 1)
-        problem = None
-        if len(offsets) != self.codebook.size + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
-            problem = f"{name}.offsets.npy is not {self.codebook.size + 1} ascending offsets from 0"
-        elif not offsets[-1] == len(images) == len(codes) == int(words.sum(dtype=np.int64)):
-            problem = (f"{name} has {offsets[-1]} entries by its offsets, {len(images)} image numbers, "
-                       f"{len(codes)} codes and {int(words.sum(dtype=np.int64))} by its words per image")
-        elif codes.shape[1] != self.code_width or len(words) != len(image_ids):
-            problem = f"{name} has codes of {codes.shape[1]} bytes and {len(words)} words per image for " \
-                      f"{len(image_ids)} images"
-        elif deep and len(images) and (images.min() < first_image or images.max() >= first_image + len(image_ids)):
-            problem = f"{name}.images.npy has image numbers outside {first_image}..{first_image + len(image_ids) - 1}"
-        if problem:
-            raise files.damaged(problem)
-        return _Segment(name, first_image, offsets, images, codes, words, image_ids, settings_hashes, checksums)
 
     def _commit(self) -> None:
         """Write index.json (the commit point), then delete files it does not list."""
@@ -228,9 +189,15 @@ class AsmkIndex:
             "two_level": self.codebook.cells is not None, "num_images": len(self.image_ids),
             "segments": [segment.name for segment in self.segments], "next_segment": self._next_segment,
             "removed": sorted(self.removed), "source_fingerprint": self.source_fingerprint,
+            "stop_word_share": self.stop_word_share,
         }
         names = ["codebook.npy", *(["cells.npy"] if self.codebook.cells is not None else [])]
-        names += [f"{segment.name}.{suffix}" for segment in self.segments for suffix in _SEGMENT_FILES]
+        if self.stop_word_share is not None:
+            if STOP_WORDS_FILE not in self.files.records or self._stop_words_changed:
+                self.files.write_array(STOP_WORDS_FILE, self.stop_words)
+            names.append(STOP_WORDS_FILE)
+        self._stop_words_changed = False
+        names += [f"{segment.name}.{suffix}" for segment in self.segments for suffix in segments.FILES]
         self.files.commit(meta, names)
         for path in self.directory.glob("segment-*"):
             if path.name not in names:
@@ -264,43 +231,53 @@ class AsmkIndex:
         pending = [i for i in dict.fromkeys(image_ids) if i not in self.number_of]
         buffer: dict[str, list] = {"words": [], "codes": [], "counts": [], "ids": [], "hashes": [], "checksums": []}
         buffered = 0
-        for image_id in tqdm(pending, desc="ASMK index: add images", unit="image", disable=not progress):
+        bar = tqdm(total=len(pending), desc="ASMK index: add images", unit="image", disable=not progress)
+        for first in range(0, len(pending), ADD_BATCH):
+            batch = pending[first : first + ADD_BATCH]
             # The checksum is read before the descriptors: if the image changes in between, the
             # recorded checksum is the older one and the next open indexes the image again.
-            settings_hash, checksum = source.content(image_id)
-            descriptors = np.asarray(source.descriptors(image_id))
-            if len(descriptors) and (descriptors.ndim != 2 or descriptors.shape[1] != self.codebook.dim):
-                raise InputError(f"descriptors of {image_id!r} have shape {descriptors.shape}, but the ASMK index "
-                                 f"in {self.directory} holds {self.codebook.dim}-D descriptors")
-            words, codes = asmk.image_words(descriptors, self.codebook, 1, asmk.DATABASE_PROBES)
-            for key, value in zip(buffer, (words, codes, len(words), image_id, settings_hash, checksum), strict=True):
-                buffer[key].append(value)
-            buffered += len(words)
-            if buffered >= SEGMENT_ENTRIES:
-                self._flush(buffer)
-                buffered = 0
+            contents = [source.content(image_id) for image_id in batch]
+            descriptors = [self._checked_descriptors(source, image_id) for image_id in batch]
+            for image_id, (settings_hash, checksum), (words, codes) in zip(
+                    batch, contents, self._words_of_images(descriptors), strict=True):
+                for key, value in zip(buffer, (words, codes, len(words), image_id, settings_hash, checksum),
+                                      strict=True):
+                    buffer[key].append(value)
+                buffered += len(words)
+                if buffered >= SEGMENT_ENTRIES:
+                    self._flush(buffer)
+                    buffered = 0
+            bar.update(len(batch))
+        bar.close()
         if buffer["ids"]:
             self._flush(buffer)
 
+    def _checked_descriptors(self, source: IndexSource, image_id: str) -> np.ndarray:
+        descriptors = np.asarray(source.descriptors(image_id), dtype=np.float32)
+        if len(descriptors) and (descriptors.ndim != 2 or descriptors.shape[1] != self.codebook.dim):
+            raise InputError(f"descriptors of {image_id!r} have shape {descriptors.shape}, but the ASMK index "
+                             f"in {self.directory} holds {self.codebook.dim}-D descriptors")
+        return descriptors.reshape(-1, self.codebook.dim)
+
+    def _words_of_images(self, descriptors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(words, codes) of each image (asmk.image_words), with one word assignment for all of them:
+        faiss then shares the work between the cores."""
+        counts = [len(d) for d in descriptors]
+        assigned = self.codebook.assign(np.concatenate(descriptors), 1, asmk.DATABASE_PROBES)
+        bounds = np.cumsum([0, *counts])
+        result = []
+        for image, image_descriptors in enumerate(descriptors):
+            words, residuals = asmk.aggregate_residuals(image_descriptors, assigned[bounds[image] : bounds[image + 1]],
+                                                        self.codebook.centroids)
+            result.append((words, asmk.binarize(residuals)))
+        return result
+
     def _flush(self, buffer: dict[str, list]) -> None:
-        """Write the buffered images as a new segment (entries grouped by word) and commit it."""
+        """Write the buffered images as a new segment and commit it."""
         name = f"segment-{self._next_segment:06d}"
         self._next_segment += 1
-        first_image = len(self.image_ids)
-        counts = np.asarray(buffer["counts"], dtype=np.int64)
-        words = np.concatenate(buffer["words"]) if buffer["words"] else np.zeros(0, np.int64)
-        codes = np.concatenate(buffer["codes"]) if buffer["codes"] else np.zeros((0, self.code_width), np.uint8)
-        images = np.repeat(np.arange(first_image, first_image + len(counts), dtype=np.uint32), counts)
-        order = np.argsort(words, kind="stable")  # stable: image numbers stay ascending within a word
-        files = self.files
-        files.write_array(f"{name}.offsets.npy",
-                          np.concatenate([[0], np.cumsum(np.bincount(words, minlength=self.codebook.size))]))
-        files.write_array(f"{name}.images.npy", images[order])
-        files.write_array(f"{name}.codes.npy", codes[order])
-        files.write_array(f"{name}.words.npy", counts.astype(np.uint32))
-        files.write_json(f"{name}.images.json", {"first_image": first_image, "image_ids": buffer["ids"],
-                                                 "settings_hashes": buffer["hashes"], "checksums": buffer["checksums"]})
-        self._append(self._read_segment(name, deep=False))
+        segments.write_segment(self.files, name, len(self.image_ids), self.codebook.size, self.code_width, buffer)
+        self._append(segments.read_segment(self.files, name, self.codebook.size, self.code_width, deep=False))
         self._commit()
         for values in buffer.values():
             values.clear()
@@ -317,8 +294,7 @@ class AsmkIndex:
     # -- merging ----------------------------------------------------------------------------
 
     def merge(self) -> None:
-        """Rewrite all segments as one without the removed images, streaming MERGE_CHUNK entries
-        at a time in word order."""
+        """Rewrite all segments as one without the removed images (streamed)."""
         if len(self.segments) < 2 and not self.removed:
             return
         with locked(self.directory):
@@ -329,86 +305,88 @@ class AsmkIndex:
         self._next_segment += 1
         live = np.ones(len(self.image_ids), dtype=bool)
         live[sorted(self.removed)] = False
-        new_number = (np.cumsum(live) - 1).astype(np.uint32)
-        counts = sum(np.diff(segment.offsets) for segment in self.segments)  # per word, removed included
-        total = int(counts.sum()) - int(self.words_per_image[~live].sum())
-        kept_ids = [image_id for image_id, keep in zip(self.image_ids, live, strict=True) if keep]
-        # Entries, offsets, words per image, and the image listing (ids and two hashes, ~100 bytes).
-        self.files.require_room(total * (4 + self.code_width) + 8 * len(counts) + 200 * len(kept_ids) + 2**16,
-                                "merging its segments")
-        kept_counts = np.zeros(len(counts), dtype=np.int64)
-        with self.files.array_writer(f"{name}.images.npy", np.uint32, (total,)) as images_out, \
-                self.files.array_writer(f"{name}.codes.npy", np.uint8, (total, self.code_width)) as codes_out:
-            for first, last, images, codes, chunk_counts in self._entries_in_word_order(counts):
-                keep = live[images]
-                if keep.all():
-                    kept_counts[first:last] += chunk_counts
-                else:
-                    words = np.repeat(np.arange(last - first), chunk_counts)[keep]
-                    kept_counts[first:last] += np.bincount(words, minlength=last - first)
-                    images, codes = images[keep], codes[keep]
-                images_out.write(new_number[images])
-                codes_out.write(codes)
-        self.files.write_array(f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(kept_counts)]))
-        self.files.write_array(f"{name}.words.npy", self.words_per_image[live].astype(np.uint32))
-        self.files.write_json(f"{name}.images.json", {
-            "first_image": 0, "image_ids": kept_ids,
-            "settings_hashes": [h for h, keep in zip(self.settings_hashes, live, strict=True) if keep],
-            "checksums": [c for c, keep in zip(self.checksums, live, strict=True) if keep]})
+        segments.write_merged_segment(self.files, name, self.segments, live, self.code_width, {
+            "image_ids": self.image_ids, "settings_hashes": self.settings_hashes, "checksums": self.checksums,
+            "words_per_image": self.words_per_image})
         self._forget_segments()
-        self._append(self._read_segment(name, deep=False))
+        self._append(segments.read_segment(self.files, name, self.codebook.size, self.code_width, deep=False))
+        if self.stop_word_share is not None:
+            self._decide_stop_words(self.stop_word_share)
         self._commit()
 
-    def _entries_in_word_order(self, counts: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, ...]]:
-        """(first word, last word + 1, image numbers, codes, entries per word) of all segments'
-        entries, in chunks of about MERGE_CHUNK entries covering consecutive words; within a word,
-        segments in order."""
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        first = 0
-        while first < len(counts):
-            last = max(first + 1, int(np.searchsorted(bounds, bounds[first] + MERGE_CHUNK, side="right")) - 1)
-            last = min(last, len(counts))
-            chunk_counts = counts[first:last]
-            size = int(chunk_counts.sum())
-            images = np.empty(size, dtype=np.uint32)
-            codes = np.empty((size, self.code_width), dtype=np.uint8)
-            written = np.concatenate([[0], np.cumsum(chunk_counts)[:-1]])  # next free row of each word
-            for segment in self.segments:  # in image order, so lists stay sorted by image
-                begin, end = int(segment.offsets[first]), int(segment.offsets[last])
-                segment_counts = np.diff(segment.offsets[first : last + 1])
-                destination = np.repeat(written - (segment.offsets[first:last] - begin), segment_counts) + \
-                    np.arange(end - begin)
-                images[destination] = segment.images[begin:end]
-                codes[destination] = segment.codes[begin:end]
-                written += segment_counts
-            yield first, last, images, codes, chunk_counts
-            first = last
+    # -- frequent words -----------------------------------------------------------------------
+
+    @property
+    def num_live_images(self) -> int:
+        return len(self.image_ids) - len(self.removed)
+
+    def populated_words(self, share: float) -> np.ndarray:
+        """(W,) bool: words whose lists hold more than `share` of the images (and more than
+        POPULATED_MIN_ENTRIES entries)."""
+        return self.word_counts > max(share * self.num_live_images, POPULATED_MIN_ENTRIES)
+
+    def set_stop_words(self, share: float) -> None:
+        """Decide the stop list from the index's word statistics: the populated words at `share`
+        (1 = none), and record it (kept in memory on read-only storage). Merges decide it again
+        with the same share."""
+        if share == self.stop_word_share:
+            return
+        self._decide_stop_words(share)
+        if not os.access(self.directory, os.W_OK):
+            LOGGER.info("%s %s is read-only: its stop list for share %g is used without being recorded", WHAT,
+                        self.directory, share)
+            return
+        with locked(self.directory):
+            self._commit()
+
+    def _decide_stop_words(self, share: float) -> None:
+        stop_words = np.flatnonzero(self.populated_words(share)).astype(np.int64)
+        self._stop_words_changed = self.stop_word_share is None or not np.array_equal(stop_words, self.stop_words)
+        self.stop_word_share, self.stop_words = share, stop_words
+        if len(stop_words):
+            LOGGER.info("%s %s: %d stop words (lists of more than %g of the images) hold %.1f %% of the entries",
+                        WHAT, self.directory, len(stop_words), share,
+                        100 * self.word_counts[stop_words].sum() / max(1, self.word_counts.sum()))
+
+    def query_words(self, descriptors: np.ndarray, assignments: int = asmk.QUERY_ASSIGNMENTS,
+                    assignment_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(words, codes) of a query: each descriptor assigned to its `assignments` nearest words,
+        except stop words and, beyond its nearest word, the populated words at `assignment_share`;
+        residuals summed per word and binarised."""
+        assigned = self.codebook.assign(descriptors, assignments, asmk.QUERY_PROBES)
+        dropped = np.isin(assigned, self.stop_words) if len(self.stop_words) else np.zeros(assigned.shape, bool)
+        if assignment_share < 1.0 and assigned.shape[1] > 1:
+            dropped[:, 1:] |= self.populated_words(assignment_share)[np.maximum(assigned[:, 1:], 0)]
+        assigned = np.where(dropped, -1, assigned)
+        words, residuals = asmk.aggregate_residuals(descriptors, assigned, self.codebook.centroids)
+        return words, asmk.binarize(residuals)
 
     # -- searching --------------------------------------------------------------------------
 
-    def scores(self, descriptors: np.ndarray, assignments: int = asmk.QUERY_ASSIGNMENTS) -> np.ndarray:
+    def scores(self, descriptors: np.ndarray, assignments: int = asmk.QUERY_ASSIGNMENTS, *,
+               assignment_share: float = 1.0, threads: int = 1) -> np.ndarray:
         """(number of image numbers,) ASMK similarity of a query (its descriptors) to each indexed
-        image (0 for removed ones)."""
+        image (0 for removed ones), searching the words of `query_words`; `threads` scan the lists.
+
+        Each image's self-similarity counts all its words, stop words too: an image without a
+        word left out of the search scores as without the stop list."""
         descriptors = np.asarray(descriptors, dtype=np.float32)
         scores = np.zeros(len(self.image_ids), dtype=np.float64)
         if len(descriptors) and (descriptors.ndim != 2 or descriptors.shape[1] != self.codebook.dim):
             raise InputError(f"query descriptors are {descriptors.shape[-1]}-D but the ASMK index in "
                              f"{self.directory} holds {self.codebook.dim}-D descriptors "
                              "(features from different extraction settings?)")
-        words, codes = asmk.image_words(descriptors, self.codebook, assignments, asmk.QUERY_PROBES)
+        if not len(descriptors) or not len(scores):
+            return scores
+        return self.scores_of_words(*self.query_words(descriptors, assignments, assignment_share), threads=threads)
+
+    def scores_of_words(self, words: np.ndarray, codes: np.ndarray, threads: int = 1) -> np.ndarray:
+        """The scores of a query's `query_words`: its lists scanned (scan.scan_lists), normalised."""
+        scores = np.zeros(len(self.image_ids), dtype=np.float64)
         if not len(words) or not len(scores):
             return scores
         for segment in self.segments:
-            starts, stops = segment.offsets[words], segment.offsets[words + 1]
-            lengths = stops - starts
-            total = int(lengths.sum())
-            if not total:
-                continue
-            # Rows of all the query's word lists, list after list.
-            rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-            # np.take gathers rows of the mapped arrays about twice as fast as fancy indexing.
-            hamming = asmk.hamming_distances(np.take(segment.codes, rows, axis=0), np.repeat(codes, lengths, axis=0))
-            scores += np.bincount(np.take(segment.images, rows), weights=self._kernel[hamming], minlength=len(scores))
+            scan_lists(segment.offsets, segment.images, segment.codes, words, codes, self._kernel, scores, threads)
         # Normalise by both self-similarities (number of words: each word's binary self-match is 1).
         with np.errstate(divide="ignore", invalid="ignore"):
             scores /= np.sqrt(self.words_per_image * len(words))
@@ -428,7 +406,7 @@ def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
 def _clear(directory: Path) -> None:
     """Remove an index's files from its directory (nothing else)."""
     for path in directory.iterdir():
-        ours = path.name in (MANIFEST_FILE, VERIFIED_FILE, "codebook.npy", "cells.npy") or \
+        ours = path.name in (MANIFEST_FILE, VERIFIED_FILE, STOP_WORDS_FILE, "codebook.npy", "cells.npy") or \
             path.name.startswith("segment-")
         if ours or (path.name.startswith(".") and path.name.endswith(".tmp")):
             path.unlink()

@@ -30,6 +30,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from src.matching.verify import match_features_batch
 from src.retrieval.global_search import global_scorer
 from src.retrieval.index_build import StoreSource, index_path_for, open_or_build_index
 from src.retrieval.inverted_file import image_numbers
+from src.retrieval.scan import default_threads
 
 LOGGER = logging.getLogger("delf.retrieval")
 # Database images whose features are kept between queries in asmk mode (~180 KB each at 1000 x
@@ -97,27 +99,43 @@ def _require_stored(store: FeatureStore, names: Sequence[str], role: str) -> Non
         raise InputError(f"{len(missing)} {role} image(s) have no features in {store.path}, e.g. {missing[0]!r}{also}")
 
 
-class _FeatureCache:
-    """Database keypoints read from the store on demand, the most recently used kept."""
+class KeypointReader:
+    """Database keypoints for re-ranking, read ahead: `prefetch` queues images for one background
+    thread, which reads them in store order (sorted ids: compaction writes images sorted) while the
+    caller searches and verifies; the `capacity` most recently used are kept. Every read of the
+    store goes through that thread, so the store is never used by two threads at once."""
 
     def __init__(self, store: FeatureStore, names: Sequence[str], capacity: int) -> None:
         self.store, self.names, self.capacity = store, names, capacity
         self.cached: OrderedDict[int, Keypoints] = OrderedDict()
+        self._pending: dict[int, Future] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delf-keypoints")
+
+    def prefetch(self, images: Sequence[int] | np.ndarray) -> None:
+        """Start reading these images (those neither kept nor queued yet)."""
+        wanted = {int(image) for image in np.asarray(images).ravel()} - self.cached.keys() - self._pending.keys()
+        for image in sorted(wanted, key=self.names.__getitem__):
+            self._pending[image] = self._thread.submit(self.store.keypoints, self.names[image])
 
     def __getitem__(self, image: int) -> Keypoints:
         if image in self.cached:
             self.cached.move_to_end(image)
-        else:
-            self.cached[image] = self.store.keypoints(self.names[image])
-            if len(self.cached) > self.capacity:
-                self.cached.popitem(last=False)
+            return self.cached[image]
+        self.prefetch([image])
+        self.cached[image] = self._pending.pop(image).result()
+        if len(self.cached) > self.capacity:
+            self.cached.popitem(last=False)
         return self.cached[image]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
 
 
 class _Verifier:
     """RANSAC results of one query against database images, each image verified once."""
 
-    def __init__(self, query: LocalFeatures, features: Sequence[Keypoints] | _FeatureCache,
+    def __init__(self, query: LocalFeatures, features: Sequence[Keypoints] | KeypointReader,
                  match_settings: dict) -> None:
         self.query, self.features, self.match_settings = query, features, match_settings
         self.results: dict[int, tuple[int, int]] = {}  # image -> (inliers, putative matches)
@@ -169,25 +187,48 @@ def retrieve(
     started = time.perf_counter()
     if mode == "asmk":
         index_dir = Path(asmk_index_dir) if asmk_index_dir else index_path_for(index_store.path)
-        index = open_or_build_index(index_dir, StoreSource([index_store]), imlist,
-                                    codebook_size=settings.codebook_size, seed=seed, progress=progress)
+        index = open_or_build_index(index_dir, StoreSource([index_store]), imlist, codebook_size=settings.codebook_size,
+                                    stop_word_share=settings.stop_word_share, seed=seed, progress=progress)
+        search_threads = settings.search_threads or default_threads()
         number_of_image = image_numbers(index, imlist)
         LOGGER.info("ASMK index %s: %d images, %d words, %.1f MB, ready in %.1f s", index_dir,
                     len(index.image_ids), index.codebook.size, index.num_bytes() / 2**20, time.perf_counter() - started)
-        features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)
+
+        def scores_of(column: int, query: LocalFeatures) -> np.ndarray:
+            return index.scores(query.descriptors, settings.query_assignments,
+                                assignment_share=settings.assignment_share, threads=search_threads)[number_of_image]
     elif mode == "global":
         global_scores = global_scorer(index_store, query_store, imlist, qimlist, settings, global_index_dir, progress)
-        features = _FeatureCache(index_store, imlist, FEATURE_CACHE_IMAGES)
+
+        def scores_of(column: int, query: LocalFeatures) -> np.ndarray:
+            return global_scores(column)
     else:
         loading = tqdm(imlist, desc="load database features", unit="image", leave=False, disable=not progress)
         features = [index_store.keypoints(name) for name in loading]
+    if mode != "exhaustive":
+        features = KeypointReader(index_store, imlist, FEATURE_CACHE_IMAGES)
+
+        def search(column: int) -> tuple[LocalFeatures, np.ndarray, np.ndarray]:
+            """A query's features, scores and shortlisted images (whose reading starts now)."""
+            query = query_store.get(qimlist[column])
+            scores = scores_of(column, query)
+            candidates = np.concatenate(
+                [shortlist(scores, junk[protocol][column], shortlist_size) for protocol in protocols] or [[]])
+            features.prefetch(candidates)
+            return query, scores, candidates
 
     match_settings = {**dataclasses.asdict(matching), "seed": seed}
     ranks = {p: np.empty((len(imlist), len(qimlist)), dtype=np.int64) for p in protocols}
     positions = np.arange(len(imlist))
+    upcoming = search(0) if mode != "exhaustive" and qimlist else None
     for column, query_name in enumerate(tqdm(qimlist, desc=f"retrieve ({mode})", unit="query", disable=not progress)):
         started = time.perf_counter()
-        query = query_store.get(query_name)
+        if mode == "exhaustive":
+            query = query_store.get(query_name)
+        else:
+            query, scores, candidates = upcoming
+            if column + 1 < len(qimlist):
+                upcoming = search(column + 1)  # while this query's shortlist is being read
         verifier = _Verifier(query, features, match_settings)  # shared by the protocols
         if mode == "exhaustive":
             verifier.verify(positions)
@@ -196,12 +237,7 @@ def retrieve(
             for protocol in protocols:
                 ranks[protocol][:, column] = order
         else:
-            if mode == "global":
-                scores = global_scores(column)
-            else:
-                scores = index.scores(query.descriptors, settings.query_assignments)[number_of_image]
-            verifier.verify(np.concatenate(
-                [shortlist(scores, junk[protocol][column], shortlist_size) for protocol in protocols] or [[]]))
+            verifier.verify(candidates)
             for protocol in protocols:
                 ranks[protocol][:, column] = rerank_by_inliers(
                     scores, junk[protocol][column], shortlist_size, verifier.inliers
@@ -215,6 +251,8 @@ def retrieve(
                 query_name, len(query.descriptors), len(verifier.results), imlist[best],
                 verifier.results.get(best, (0, 0))[0], time.perf_counter() - started,
             )
+    if isinstance(features, KeypointReader):
+        features.close()
     return ranks
 
 

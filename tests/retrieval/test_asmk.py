@@ -294,6 +294,7 @@ def test_build_streams_and_buffers_a_bounded_number_of_entries(tmp_path, source,
 
 def test_interrupted_add_keeps_committed_segments_and_resumes(tmp_path, source, monkeypatch):
     monkeypatch.setattr(inverted_file_module, "SEGMENT_ENTRIES", 300)
+    monkeypatch.setattr(inverted_file_module, "ADD_BATCH", 4)  # images read (and lost when killed) at once
     whole = build_index(tmp_path / "whole", source, source.ids(), codebook_size=32)
 
     class Failing(SyntheticSource):
@@ -449,3 +450,101 @@ def test_store_source_content_is_the_store_checksum_wherever_the_image_is(tmp_pa
     with FeatureStore(path) as store:
         assert store.content("image001") == ("h1", None)
         assert StoreSource([store]).content("image001") == in_journal
+
+
+# ----------------------------------------------------------------------------------------------
+# Frequent words: the stop list and the assignment share
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def crowded(monkeypatch) -> tuple[SyntheticSource, np.ndarray]:
+    """40 images, 30 of which also show one generic structure (a descriptor near `structure`)."""
+    monkeypatch.setattr(inverted_file_module, "POPULATED_MIN_ENTRIES", 5)  # a small index has statistics too
+    source = SyntheticSource(40, seed=11)
+    rng = np.random.default_rng(12)
+    structure = unit_rows(rng.normal(size=(1, DIM)))
+    for image_id in source.ids()[:30]:
+        generic = unit_rows(structure + 0.01 * rng.normal(size=(1, DIM)))
+        source.images[image_id] = np.concatenate([source.images[image_id], generic])
+    return source, structure
+
+
+def test_a_stop_word_changes_nothing_for_the_images_without_it(tmp_path, crowded):
+    source, structure = crowded
+    index = build_index(tmp_path / "index", source, source.ids(), codebook_size=256)
+    crowded_word = int(index.codebook.assign(structure, 1)[0, 0])
+    assert index.word_counts[crowded_word] >= 30 and index.word_counts.max() == index.word_counts[crowded_word]
+    queries = ("image001", "image035", "image017")
+    unpruned = [index.scores(source.images[i]) for i in queries]
+    unpruned_words = [index.query_words(source.images[i])[0] for i in queries]
+    index.set_stop_words(0.5)
+    np.testing.assert_array_equal(index.stop_words, [crowded_word])  # the one over-populated word
+    without = np.array([crowded_word not in asmk.image_words(source.images[i], index.codebook, 1,
+                                                              asmk.DATABASE_PROBES)[0] for i in source.ids()])
+    assert 3 <= without.sum() < 40
+    for query, before, before_words in zip(queries, unpruned, unpruned_words, strict=True):
+        after = index.scores(source.images[query])
+        order = np.lexsort((np.arange(without.sum()), -after[without]))
+        np.testing.assert_array_equal(order, np.lexsort((np.arange(without.sum()), -before[without])))
+        # the same scores but for the query's normalisation, which counts the stop word no more
+        after_words = index.query_words(source.images[query])[0]
+        assert after_words.tolist() == [w for w in before_words.tolist() if w != crowded_word]
+        scale = np.sqrt(len(after_words) / len(before_words))
+        np.testing.assert_allclose(after[without] * scale, before[without], rtol=1e-12)
+        if crowded_word in before_words:  # the images with the word changed
+            assert not np.allclose(after * scale, before)
+    # The pruned scores are those of a query without the word (direct implementation), normalised
+    # by all of each image's words.
+    query = source.images["image001"]
+    words = direct_nearest_words(query, index.codebook.centroids, 5)
+    kept = direct_aggregate(query, np.where(words == crowded_word, -1, words), index.codebook.centroids)
+    database = [source.images[i] for i in source.ids()]
+    expected = []
+    for descriptors in database:
+        image_sums = direct_aggregate(descriptors, direct_nearest_words(descriptors, index.codebook.centroids, 1),
+                                      index.codebook.centroids) if len(descriptors) else {}
+        total = sum(direct_kernel(kept[w], image_sums[w]) for w in kept if w in image_sums)
+        expected.append(total / np.sqrt(len(kept) * len(image_sums)) if image_sums else 0.0)
+    np.testing.assert_allclose(index.scores(query), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_the_stop_list_round_trips_through_the_saved_index(tmp_path, crowded):
+    source, _ = crowded
+    index = open_or_build_index(tmp_path / "index", source, source.ids(), codebook_size=256, stop_word_share=0.5)
+    assert len(index.stop_words) == 1
+    reopened = AsmkIndex.open(tmp_path / "index")
+    assert reopened.stop_word_share == 0.5
+    np.testing.assert_array_equal(reopened.stop_words, index.stop_words)
+    np.testing.assert_array_equal(reopened.scores(source.images["image003"]), index.scores(source.images["image003"]))
+    # another share: decided again from the statistics, and recorded
+    assert len(open_or_build_index(tmp_path / "index", source, source.ids(), stop_word_share=0.05).stop_words) > 1
+    assert AsmkIndex.open(tmp_path / "index").stop_word_share == 0.05
+    assert len(open_or_build_index(tmp_path / "index", source, source.ids(), stop_word_share=1.0).stop_words) == 0
+    # and a merge decides it again with the recorded share, from the merged statistics
+    index = open_or_build_index(tmp_path / "index", source, source.ids(), stop_word_share=0.5)
+    part = AsmkIndex.create(tmp_path / "part", index.codebook)
+    part.add(source, source.ids()[:20])
+    part.set_stop_words(0.5)
+    part.add(source, source.ids()[20:])
+    part.merge()
+    np.testing.assert_array_equal(AsmkIndex.open(tmp_path / "part").stop_words, index.stop_words)
+    stop_words_file = tmp_path / "index" / "stop_words.npy"  # checked like every index file
+    stop_words_file.write_bytes(stop_words_file.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(InputError, match=r"stop_words\.npy fails its checksum"):
+        AsmkIndex.open(tmp_path / "index")
+
+
+def test_populated_words_are_searched_only_as_a_descriptors_nearest_word(tmp_path, crowded):
+    source, _ = crowded
+    index = build_index(tmp_path / "index", source, source.ids(), codebook_size=256)
+    populated = index.populated_words(0.2)
+    assert 0 < populated.sum() < 256
+    query = source.images["image002"]
+    nearest = direct_nearest_words(query, index.codebook.centroids, 5)
+    allowed = np.where((np.arange(5) > 0) & populated[nearest], -1, nearest)
+    expected = direct_aggregate(query, allowed, index.codebook.centroids)
+    words, codes = index.query_words(query, 5, assignment_share=0.2)
+    assert words.tolist() == list(expected)
+    np.testing.assert_array_equal(codes, asmk.binarize(np.array(list(expected.values()))))
+    assert set(index.query_words(query, 5)[0].tolist()) > set(words.tolist())  # share 1: every assigned word

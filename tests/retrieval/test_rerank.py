@@ -10,6 +10,7 @@ truth, so the protocols differ.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ from model_utils.config import MatchingConfig, RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, protocol_ground_truth
 from src.evaluation.metrics import evaluate
 from src.extraction.features import LocalFeatures
-from src.extraction.store import FeatureStore
+from src.extraction.store import DamagedImageError, FeatureStore
 from src.matching.verify import match_features, match_features_batch
 from src.perform_retrieval import main
-from src.retrieval.rerank import rerank_by_inliers, retrieve, save_ranks
+from src.retrieval.rerank import KeypointReader, rerank_by_inliers, retrieve, save_ranks
 
 DIM = 40
 SCENE_POINTS = 160
@@ -374,3 +375,32 @@ def test_cli_end_to_end(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*arguments[:6], "--output_dir", str(output_dir)])  # txt gt without --images_path
     assert "--images_path is needed" in capsys.readouterr().err
+
+
+def test_keypoint_reader_reads_ahead_in_store_order_on_one_thread(world, tmp_path, monkeypatch):
+    """Re-ranking's reads: queued in name order (the store's order after compaction), all on the
+    reader's thread, equal to reading directly; damage is raised where the image is used."""
+    imlist = sorted(world["ground_truth"]["imlist"])
+    reads = []
+    keypoints = FeatureStore.keypoints
+
+    def recording(store, image_id):
+        reads.append((image_id, threading.current_thread().name))
+        if image_id == imlist[5]:
+            raise DamagedImageError(f"image {image_id!r} is damaged")
+        return keypoints(store, image_id)
+
+    monkeypatch.setattr(FeatureStore, "keypoints", recording)
+    with FeatureStore(world["dir"] / "index.h5") as store:
+        reader = KeypointReader(store, imlist, capacity=4)
+        reader.prefetch([9, 3, 7, 3])
+        np.testing.assert_array_equal(reader[7].descriptors, world["database"][imlist[7]].descriptors)
+        assert [name for name, _ in reads[:2]] == [imlist[3], imlist[7]]  # queued sorted, read in that order
+        for image in (3, 9, 0, 1, 2):  # 0-2 read on demand, through the same thread
+            np.testing.assert_array_equal(reader[image].locations, world["database"][imlist[image]].locations)
+        assert all(thread.startswith("delf-keypoints") for _, thread in reads)
+        assert len(reader.cached) == 4 and list(reader.cached) == [9, 0, 1, 2]  # the most recently used
+        with pytest.raises(DamagedImageError, match="is damaged"):
+            reader[5]
+        reader.close()
+    assert sorted(name for name, _ in reads) == sorted(imlist[i] for i in (0, 1, 2, 3, 5, 7, 9))
