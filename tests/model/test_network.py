@@ -205,7 +205,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / ima
 
 def test_graph_mode_frees_every_conv_output():
     # MindSpore 2.10's CPU graph mode held 4x the output of a broadcast bias Add (x + b.reshape(1,-1,1,1))
-    # until the end of the graph: 11.8 GB at 1024x768 with 7 scales. BiasAdd frees as it goes.
+    # until the end of the graph (43 maps here; 11.8 GB at 1024x768 with 7 scales). BiasAdd frees as it
+    # goes (about 3 maps here: input, output and two intermediates).
     import subprocess
     import sys
     from pathlib import Path
@@ -214,4 +215,4 @@ def test_graph_mode_frees_every_conv_output():
     done = subprocess.run([sys.executable, "-c", GRAPH_MEMORY_PROBE], cwd=root, capture_output=True, text=True,
                           check=True, env={**os.environ, "GLOG_v": "3", "PYTHONPATH": str(root)})
     growth_in_maps = float(done.stdout.split()[-1])
-    assert growth_in_maps < 4, f"peak memory grew by {growth_in_maps:.1f} feature maps over 10 convolutions"
+    assert growth_in_maps < 10, f"peak memory grew by {growth_in_maps:.1f} feature maps over 10 convolutions"
