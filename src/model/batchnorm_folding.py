@@ -34,11 +34,13 @@ from src.model.network import Conv2d
 
 
 class FoldedBatchNorm(nn.Cell):
-    """What is left of a BatchNorm folded into the convolution before it: the per-channel bias."""
+    """What is left of a BatchNorm folded into the convolution before it: the per-channel bias (and,
+    for the record, the epsilon the BatchNorm had)."""
 
-    def __init__(self, bias: np.ndarray) -> None:
+    def __init__(self, bias: np.ndarray, eps: float) -> None:
         super().__init__()
         self.bias = Parameter(Tensor(np.asarray(bias, np.float32)), name="bias")
+        self.eps = eps
 
     def construct(self, x):
         return ops.bias_add(x, self.bias)
@@ -111,7 +113,7 @@ def _fold_pair(parent: nn.Cell, bn_name: str, conv: Conv2d) -> None:
     if conv.has_bias:  # its bias moves into the folded one (one bias add, after the convolution)
         conv.has_bias = False
         delattr(conv, "bias")
-    setattr(parent, bn_name, FoldedBatchNorm(scale * (conv_bias - mean) + beta))
+    setattr(parent, bn_name, FoldedBatchNorm(scale * (conv_bias - mean) + beta, bn.eps))
 
 
 def fold_batchnorms(model: nn.Cell) -> list[str]:

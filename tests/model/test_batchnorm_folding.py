@@ -13,11 +13,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 from src.extraction.images import load_image, resize_image
 from src.extraction.pyramid import normalize_images
 from src.model.batchnorm_folding import FoldedBatchNorm, count_batchnorms, fold_batchnorms
+from src.model.delg import DelgModel
 from src.model.export import export_network, run_exported
 from src.model.network import BatchNorm2d, Conv2d, DelfModel, SlimConv
 
 TOLERANCE = 1e-5  # of the largest output value
-BATCHNORMS = {"keras": 54, "slim": 44}  # backbone (53 with stage5 / 43) + attention head
+# Every network extraction can build: (kind, backbone, depth) -> its BatchNorms: the ResNet's (Keras
+# ResNet50 with stage5: 53; resnet_v1_50 to block3: 43; resnet_v1_101 with block4: 104) + attention's.
+NETWORKS = {("delf", "keras", 50): 54, ("delf", "slim", 50): 44, ("delg", "keras", 50): 54,
+            ("delg", "slim", 101): 105}
 
 
 def randomize_batchnorms(model: nn.Cell, seed: int) -> None:
@@ -41,9 +45,18 @@ def photo(images_dir) -> np.ndarray:
     return normalize_images(resize_image(load_image(images_dir / "sacre_coeur1.jpg"), 97, 131)[None])
 
 
-def build(backbone: str, seed: int = 0) -> DelfModel:
+def network_id(network: tuple[str, str, int]) -> str:
+    return "-".join(map(str, network))
+
+
+def build(network: tuple[str, str, int], seed: int = 0) -> nn.Cell:
+    kind, backbone, depth = network
     mindspore.set_seed(seed)
-    model = DelfModel("test", backbone=backbone, bn_epsilon=1e-3 if backbone == "keras" else 1e-5)
+    epsilon = 1e-3 if backbone == "keras" else 1e-5
+    if kind == "delg":
+        model = DelgModel("test", backbone=backbone, depth=depth, bn_epsilon=epsilon)
+    else:
+        model = DelfModel("test", backbone=backbone, bn_epsilon=epsilon)
     model.set_train(False)
     randomize_batchnorms(model, seed)
     return model
@@ -81,27 +94,27 @@ def test_one_folded_pair_equals_conv_and_batchnorm_computed_by_hand(impl):
     assert np.abs(got - expected).max() < 1e-5
 
 
-@pytest.mark.parametrize("backbone", ["keras", "slim"])
-def test_folded_network_equals_the_unfolded_one(backbone, photo):
-    reference, folded = build(backbone), build(backbone)
+@pytest.mark.parametrize("network", list(NETWORKS), ids=network_id)
+def test_folded_network_equals_the_unfolded_one(network, photo):
+    reference, folded = build(network), build(network)
     want = [output.asnumpy() for output in reference(Tensor(photo))]
-    assert count_batchnorms(folded) == BATCHNORMS[backbone]
+    assert count_batchnorms(folded) == NETWORKS[network]
 
     names = fold_batchnorms(folded)
 
-    assert len(names) == BATCHNORMS[backbone] and count_batchnorms(folded) == 0
+    assert len(names) == NETWORKS[network] and count_batchnorms(folded) == 0
     parameter_names = [param.name for param in folded.get_parameters()]
     assert len(set(parameter_names)) == len(parameter_names)
     assert f"{names[0]}.bias" in parameter_names  # full names, as every other parameter
     got = [output.asnumpy() for output in folded(Tensor(photo))]
-    for kind, want_map, got_map in zip(("attention", "features"), want, got, strict=True):
-        assert want_map.std() > 0, f"{kind}: a constant map would test nothing"
-        assert relative_difference(want_map, got_map) < TOLERANCE, kind
+    for index, (want_map, got_map) in enumerate(zip(want, got, strict=True)):
+        assert want_map.std() > 0, f"output {index}: a constant output would test nothing"
+        assert relative_difference(want_map, got_map) < TOLERANCE, f"output {index}"
 
 
-@pytest.mark.parametrize("backbone", ["keras", "slim"])
-def test_exported_folded_network_equals_the_unfolded_framework(backbone, photo, tmp_path):
-    reference, folded = build(backbone, seed=3), build(backbone, seed=3)
+@pytest.mark.parametrize("network", [("delf", "keras", 50), ("delf", "slim", 50)], ids=network_id)
+def test_exported_folded_network_equals_the_unfolded_framework(network, photo, tmp_path):
+    reference, folded = build(network, seed=3), build(network, seed=3)
     fold_batchnorms(folded)
     (path,) = export_network(folded, tmp_path / "folded", "MINDIR")
     want = [output.asnumpy() for output in reference(Tensor(photo))]
