@@ -1,12 +1,15 @@
 """Benchmark: ResNet50-to-block3 forward on CPU, each convolution path and execution mode.
 
-Measures, in one run, the block3 forward at 321x321 and over the 7-scale pyramid of a 640x480
-photo for: native kernels with oneDNN capped at AVX2 (our CPU default), native kernels uncapped
-(MindSpore's out-of-the-box CPU behaviour), and the im2col + matmul fallback; each in graph and
-PyNative mode; plus PyTorch running the same network as the baseline when it is importable.
-Every variant runs in its own process (oneDNN reads its ISA cap once) and the variants are
-interleaved over several rounds, so a noisy machine hits them alike; medians are printed as
-ratios to PyTorch and to the uncapped native path.
+Measures, in one run, the block3 forward at 321x321 for: native kernels with oneDNN capped at AVX2
+(our CPU default), native kernels uncapped (MindSpore's out-of-the-box CPU behaviour), and the
+im2col + matmul fallback; each in graph and PyNative mode; plus PyTorch running the same network as
+the baseline when it is importable. Every variant runs in its own process (oneDNN reads its ISA cap
+once) and the variants are interleaved over several rounds, so a noisy machine hits them alike;
+medians are printed as ratios to PyTorch and to the uncapped native path.
+
+Whole pyramids are bench/extract_throughput.py's job (persistent workers, image by image in turn,
+sizes up to 1024 px); this benchmark's former 640x480-pyramid row was dropped: its PyTorch figure
+(13.0 s) had been measured while other jobs ran (re-measured quiet: 2.7-3.8 s).
 
     python bench/backbone.py [--rounds 3] [--quick]
 """
@@ -21,14 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness import machine_description, torch_importable
+
 ROOT = Path(__file__).resolve().parents[1]
-SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
-PHOTO_HW = (480, 640)
-
-
-def pyramid_sizes() -> list[tuple[int, int]]:
-    return [(round(PHOTO_HW[0] * s), round(PHOTO_HW[1] * s)) for s in SCALES]
-
 
 # ---------------------------------------------------------------- children (one variant each)
 
@@ -127,15 +125,11 @@ def _run(spec: dict, env_updates: dict) -> dict | None:
     return None
 
 
-def _torch_available() -> bool:
-    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, check=False).returncode == 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (median)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats inside each run")
-    parser.add_argument("--quick", action="store_true", help="321x321 only, one round")
+    parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -143,8 +137,6 @@ def main() -> None:
         return
 
     workloads = {"321x321": [(321, 321)]}
-    if not args.quick:
-        workloads["pyramid 640x480 (7 scales)"] = pyramid_sizes()
     rounds = 1 if args.quick else args.rounds
     variants = {
         "native, oneDNN AVX2 cap, graph": ({"framework": "ms", "impl": "native", "graph": True},
@@ -158,11 +150,12 @@ def main() -> None:
         "native, uncapped (MindSpore default), pynative": ({"framework": "ms", "impl": "native", "graph": False},
                                                            {"ONEDNN_MAX_CPU_ISA": None}),
     }
-    if _torch_available():
+    if torch_importable():
         variants["PyTorch (baseline)"] = ({"framework": "torch"}, {})
     else:
         print("PyTorch not importable: no baseline column (pip install torch==2.13.0 to add it)")
 
+    print(machine_description())
     print(f"ResNet50 to block3, batch 1, float32, {os.cpu_count()} CPU threads; median of {rounds} "
           f"round(s) x {args.repeats} repeats\n")
     for workload, sizes in workloads.items():
@@ -170,7 +163,7 @@ def main() -> None:
         first_calls: dict[str, float] = {}
         for _ in range(rounds):
             for name, (spec, env) in variants.items():
-                if "uncapped" in name and (workload != "321x321" or times[name]):
+                if "uncapped" in name and times[name]:
                     continue
                 result = _run({**spec, "sizes": sizes, "repeats": 1 if "uncapped" in name else args.repeats}, env)
                 if result:

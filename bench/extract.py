@@ -1,100 +1,108 @@
 """Benchmark: whole DELF extraction (7-scale pyramid, keypoints, PCA) of a 1024x768 photo on CPU.
 
-Graph mode compiles the network once per pyramid shape and then runs faster; PyNative needs no
-compilation. Both are timed in one run, in separate processes, over images of one size (as in
-Oxford5k, where nearly every image is 1024x768 or 768x1024), plus the same truncated ResNet50 in
-PyTorch over the same pyramid sizes as a baseline for the network part when it is importable.
+Graph mode (one compilation for every size, the first image pays it) and PyNative run the whole
+extraction (DelfExtractor: pyramid, network, 1000 keypoints, PCA to 40-D) of a real 1024x768 photo
+(Oxford5k's usual size), shifted a few pixels per image so that the content changes; PyTorch runs
+the network alone on the same pyramid with the same weights as the baseline for the network part
+(bench/extract_throughput.py's model). Each in its own persistent worker, taking turns image by
+image; peak resident memory per worker at the end.
 
-    python bench/extract.py [--images 3]
+    python bench/extract.py [--images 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import dataclasses
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+from harness import Worker, machine_description, peak_rss_gb, serve, torch_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT.parent / "shared" / "data" / "images" / "sacre_coeur2.jpg"  # 1024 x 768
-SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 
-def _child(mode: str, num_images: int) -> None:
-    import time
-
+def worker(variant: str, weights_path: str) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from model_utils.config import ExtractionConfig, get_config
-    from model_utils.device import setup_device
-    from src.extraction.extractor import DelfExtractor
+    from model_utils.config import get_config
     from src.extraction.images import load_image
-    from src.extraction.pca import PcaParameters
-    from src.model.weights import build_extraction_model
+    from src.extraction.pyramid import pyramid_inputs
 
-    setup_device("CPU", graph_mode=mode == "graph")
-    model = build_extraction_model(get_config(["--conv_impl=native"]), "")
-    rng = np.random.default_rng(0)
-    pca = PcaParameters(np.zeros(1024), np.linalg.qr(rng.standard_normal((1024, 1024)))[0], None)
-    extractor = DelfExtractor(model, ExtractionConfig(score_threshold=0.0), pca)
+    config = get_config([])
+    extraction = dataclasses.replace(config.extraction, score_threshold=0.0)  # random weights: low attention
     photo = load_image(PHOTO)
-    started = time.perf_counter()
-    extractor(photo)
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    for index in range(num_images):
-        extractor(np.roll(photo, index * 7, axis=1))  # same size, other content
-    steady = (time.perf_counter() - started) / num_images
-    print("RESULT " + json.dumps({"first": first, "steady": steady}), flush=True)
+    if variant == "torch":
+        from extract_throughput import torch_network
 
+        network = torch_network(weights_path)
 
-def _torch_child(num_images: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from backbone import _time_torch
+        def extract(image):
+            network(pyramid_inputs(image, extraction))
+    else:
+        from model_utils.device import setup_device
+        from src.extraction.extractor import DelfExtractor
+        from src.extraction.pca import PcaParameters
+        from src.model.weights import build_extraction_model
 
-    sizes = [(round(768 * s), round(1024 * s)) for s in SCALES]
-    result = _time_torch(sizes, num_images)
-    print("RESULT " + json.dumps({"first": None, "steady": result["seconds"]}), flush=True)
+        setup_device("CPU", graph_mode=variant == "graph")
+        rng = np.random.default_rng(0)
+        pca = PcaParameters(np.zeros(1024), np.linalg.qr(rng.standard_normal((1024, 1024)))[0], None)
+        extractor = DelfExtractor(build_extraction_model(config, str(Path(weights_path).with_suffix(".ckpt"))),
+                                  extraction, pca)
 
+        def extract(image):
+            extractor(image)
 
-def _run(args: list[str]) -> dict | None:
-    env = {**os.environ, "GLOG_v": "3"}
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"  {args} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-    return None
+    def handle(job):
+        if job["cmd"] == "peak_memory":
+            return peak_rss_gb()
+        started = time.perf_counter()
+        extract(np.roll(photo, job["index"] * 7, axis=1))  # same size, other content
+        return time.perf_counter() - started
+
+    serve(handle)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=3, help="images timed after the first")
-    parser.add_argument("--child", choices=("graph", "pynative", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, default=4, help="images timed after the first")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child == "torch":
-        _torch_child(args.images)
+    if args.worker:
+        worker(args.worker, args.weights)
         return
-    if args.child:
-        _child(args.child, args.images)
-        return
+    from extract_throughput import save_random_weights
 
-    results = {mode: _run(["--child", mode, "--images", str(args.images)]) for mode in ("pynative", "graph")}
-    has_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, check=False).returncode == 0
-    if has_torch:
-        results["PyTorch network only"] = _run(["--child", "torch", "--images", str(args.images)])
-    print(f"DELF extraction of a 1024x768 photo, 7 scales, 1000 keypoints, PCA to 40-D; {os.cpu_count()} threads")
-    print(f"{'mode':24s} {'first image s':>14s} {'then s/image':>13s} {'images/s':>9s} {'vs pynative':>12s}")
-    base = results["pynative"]["steady"] if results.get("pynative") else None
-    for mode, result in results.items():
-        if not result:
-            continue
-        first = f"{result['first']:.1f}" if result["first"] is not None else "-"
-        ratio = f"{base / result['steady']:.2f}x" if base else "-"
-        print(f"{mode:24s} {first:>14s} {result['steady']:13.2f} {1 / result['steady']:9.2f} {ratio:>12s}")
+    print(machine_description(), flush=True)
+    variants = ["graph", "pynative"] + (["torch"] if torch_importable() else [])
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "weights.npz"
+        save_random_weights(weights)
+        workers = {name: Worker(__file__, name, ["--weights", str(weights)]) for name in variants}
+        seconds = {name: [] for name in variants}
+        for index in range(args.images + 1):
+            for name in variants[index % len(variants):] + variants[:index % len(variants)]:
+                seconds[name].append(workers[name].ask(cmd="image", index=index))
+            print(f"image {index}: " + ", ".join(f"{name} {values[-1]:.2f} s" for name, values in seconds.items()),
+                  flush=True)
+        memory = {name: w.ask(cmd="peak_memory") for name, w in workers.items()}
+        for w in workers.values():
+            w.close()
+    print(f"\nDELF extraction of a 1024x768 photo, 7 scales, 1000 keypoints, PCA to 40-D (PyTorch: the network "
+          f"only); first image apart, then the median of {args.images}")
+    print(f"{'variant':10s} {'first image s':>14s} {'then s/image':>13s} {'x torch':>8s} {'peak RSS GB':>12s}")
+    torch_time = statistics.median(seconds["torch"][1:]) if "torch" in seconds else None
+    for name, values in seconds.items():
+        steady = statistics.median(values[1:])
+        ratio = f"{steady / torch_time:.2f}" if torch_time else "-"
+        print(f"{name:10s} {values[0]:14.2f} {steady:13.2f} {ratio:>8s} {memory[name]:12.2f}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ class Conv2d(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         y = self._convolve(x)
         if self.has_bias:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+            y = ops.bias_add(y, self.bias)
         return y
 
     def _convolve(self, x: Tensor) -> Tensor:

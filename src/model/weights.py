@@ -35,6 +35,7 @@ from mindspore import Tensor
 from model_utils.cli import InputError
 from model_utils.config import DelfConfig
 from model_utils.files import atomic_output, file_sha256
+from src.model.batchnorm_folding import fold_batchnorms
 from src.model.delg import DelgModel
 from src.model.network import KERAS1_BN_EPSILON, DelfModel, NetworkSpec, ResNet50Backbone, resolve_conv_impl
 
@@ -322,7 +323,8 @@ def local_descriptor_depth(model: DelfModel | DelgModel) -> int:
 
 
 def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel | DelgModel:
-    """The 'test' network with trained weights, or seeded random weights (with a warning).
+    """The 'test' network with trained weights, or seeded random weights (with a warning), BatchNorms
+    folded into their convolutions (inference only: src/model/batchnorm_folding.py).
 
     The checkpoint must hold every parameter of the network it records, and its local descriptors
     must have the depth the extraction settings expect (feature_depth, and so the PCA's).
@@ -342,6 +344,7 @@ def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel | De
         raise InputError(f"{ckpt_path or 'the untrained network'}: local descriptors are {depth}-D, but "
                          f"extraction.feature_depth is {config.extraction.feature_depth}{hint}")
     model.set_train(False)
+    fold_batchnorms(model)
     return model
 
 

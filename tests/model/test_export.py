@@ -74,10 +74,12 @@ def test_onnx_without_static_shapes_is_refused(model, tmp_path):
         export_network(model, tmp_path / "DELF", "ONNX")
 
 
-def test_cli_writes_delf_mindir_and_fails_in_one_line(checkpoint, tmp_path, capsys):
+def test_cli_writes_delf_mindir_and_fails_in_one_line(checkpoint, model, photo, tmp_path, capsys):
     target = tmp_path / "DELF_MindIR"
     main(["--ckpt_path", str(checkpoint), "--file_name", str(target), "--device_target", "CPU"])
     assert (tmp_path / "DELF_MindIR.mindir").stat().st_size > 30e6  # ~35 MB of float32 weights
+    # The CLI exports the network with its BatchNorms folded: it computes what the unfolded one does.
+    assert max(max_difference(model, tmp_path / "DELF_MindIR.mindir", normalize_images(photo[None]))) < TOLERANCE
     assert "DELF_MindIR.mindir" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as stop:
