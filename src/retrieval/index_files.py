@@ -379,10 +379,10 @@ class _Index(Protocol):
     files: IndexFiles
 
 
-IndexT = TypeVar("IndexT", bound=_Index)
+_IndexT = TypeVar("_IndexT", bound=_Index)
 
 
-def open_to_update(open_index: Callable[[Path], IndexT | None], directory: Path) -> IndexT | None:
+def open_to_update(open_index: Callable[[Path], _IndexT | None], directory: Path) -> _IndexT | None:
     """For a writer holding the index's lock: `open_index(directory)`, with the temporaries left by
     killed writers removed; None when there is no index, or one of another format version (logged:
     the caller builds a new one)."""
