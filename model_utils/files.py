@@ -1,11 +1,14 @@
-"""Files: the one atomic write, the one writability check and the one rule for "the images of a folder"."""
+"""Files: the one atomic write (and the clean-up of its leftovers), the one writability check and the one
+rule for "the images of a folder"."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +17,7 @@ from model_utils.cli import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 TEMP_SUFFIX = ".tmp"
+_TEMP_PATTERN = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")  # the writer's pid, in atomic_output
 
 
 def _umask() -> int:
@@ -60,6 +64,25 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: str | os.PathLike, prefix: str) -> None:
+    """Delete the atomic_output temporaries `<prefix>*.tmp` in `directory` left by processes that no
+    longer run (killed mid-write); those of live writers (other processes on this machine) stay."""
+    for path in Path(directory).glob(f"{glob.escape(prefix)}*{TEMP_SUFFIX}"):
+        match = _TEMP_PATTERN.search(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_is_running(int(match.group(1))):
+            path.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as `python src/feature_io.py`
 
 from model_utils.cli import cli_main  # noqa: E402
 from model_utils.files import require_writable, require_writable_dir  # noqa: E402
-from src.extraction.store import DamagedImageError, FeatureStore  # noqa: E402
+from src.extraction.store import FeatureStore  # noqa: E402
+from src.extraction.store_reader import DamagedImageError  # noqa: E402
 from src.extraction.store_set import export_npz, open_store, store_paths  # noqa: E402
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
 from src.extraction.features import Keypoints, LocalFeatures
-from src.extraction.store import FAILURES_SUFFIX, JOURNAL_SUFFIX, FeatureStore, StoredImage
+from src.extraction.store import FAILURES_SUFFIX, FeatureStore
+from src.extraction.store_reader import JOURNAL_SUFFIX, StoredImage
 
 
 def _npz_path(output_dir: Path, image_id: str) -> Path:

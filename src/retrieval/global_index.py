@@ -41,7 +41,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from src.retrieval import index_files
 from src.retrieval.faiss_setup import faiss
-from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, OutdatedIndexError, string_list
+from src.retrieval.index_files import MANIFEST_FILE, IndexFiles, open_to_update, string_list
 
 LOGGER = logging.getLogger("delf.retrieval")
 
@@ -130,7 +130,7 @@ class GlobalIndex:
         """A new, empty index (replaces any index in `directory`)."""
         files = IndexFiles(directory, WHAT, FORMAT)
         with locked(files.directory):
-            _clear(files.directory)
+            files.clear()
             index = cls(files, 0)
             index._commit()
         return index
@@ -332,20 +332,12 @@ class GlobalIndex:
 
     def num_bytes(self) -> int:
         """Size of the index files on disk (the manifest included)."""
-        return self.files.num_bytes() + (self.directory / MANIFEST_FILE).stat().st_size
+        return self.files.num_bytes()
 
 
 def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
     """One writer of the global index in `directory` at a time (index_files.locked)."""
     return index_files.locked(directory, WHAT)
-
-
-def _clear(directory: Path) -> None:
-    """Remove an index's files from its directory (nothing else)."""
-    for path in directory.iterdir():
-        if path.name in (MANIFEST_FILE, VERIFIED_FILE) or path.name.startswith("segment-") or \
-                (path.name.startswith(".") and path.name.endswith(".tmp")):
-            path.unlink()
 
 
 def _changed_image(index: GlobalIndex, source: GlobalSource, image_ids: Sequence[str], progress: bool) -> str | None:
@@ -367,19 +359,13 @@ def open_or_build_global_index(directory: str | os.PathLike, source: GlobalSourc
     directory = Path(directory)
     fingerprint = source.fingerprint()  # before anything is read: a later change shows next time
     with locked(directory):
-        try:
-            index = GlobalIndex.open(directory)
-        except OutdatedIndexError as error:
-            LOGGER.warning("rebuilding %s", error)
-            index = None
-        if index is not None:
-            index.files.remove_temporaries()  # left by a killed writer (we hold the lock)
-            if fingerprint is None or fingerprint != index.source_fingerprint:
-                changed = _changed_image(index, source, image_ids, progress)
-                if changed is not None:
-                    LOGGER.warning("rebuilding the %s in %s: the features of %r (and maybe others) changed",
-                                   WHAT, directory, changed)
-                    index = None
+        index = open_to_update(GlobalIndex.open, directory)
+        if index is not None and (fingerprint is None or fingerprint != index.source_fingerprint):
+            changed = _changed_image(index, source, image_ids, progress)
+            if changed is not None:
+                LOGGER.warning("rebuilding the %s in %s: the features of %r (and maybe others) changed",
+                               WHAT, directory, changed)
+                index = None
         if index is None:
             index = GlobalIndex.create(directory)
         missing = [image_id for image_id in image_ids if image_id not in index.number_of]

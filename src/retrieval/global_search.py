@@ -26,7 +26,7 @@ import numpy as np
 
 from model_utils.cli import InputError
 from model_utils.config import RetrievalConfig
-from src.extraction.store import NoGlobalDescriptorError
+from src.extraction.store_reader import NoGlobalDescriptorError
 from src.retrieval.faiss_setup import faiss
 from src.retrieval.global_index import GlobalIndex, StoreGlobalSource, index_path_for, open_or_build_global_index
 

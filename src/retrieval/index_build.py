@@ -25,7 +25,7 @@ from model_utils.cli import InputError
 from src.extraction.features import features_checksum
 from src.extraction.store import FeatureStore
 from src.retrieval import asmk
-from src.retrieval.index_files import OutdatedIndexError
+from src.retrieval.index_files import open_to_update
 from src.retrieval.inverted_file import MAX_SEGMENTS, AsmkIndex, IndexSource, locked
 
 LOGGER = logging.getLogger("delf.retrieval")
@@ -165,13 +165,8 @@ def open_or_build_index(
     directory = Path(directory)
     fingerprint = source.fingerprint()  # before anything is read: a later change shows next time
     with locked(directory):
-        try:
-            index = AsmkIndex.open(directory)
-        except OutdatedIndexError as error:
-            LOGGER.warning("rebuilding %s", error)
-            index = None
+        index = open_to_update(AsmkIndex.open, directory)
         if index is not None:
-            index.files.remove_temporaries()  # left by a killed writer (we hold the lock)
             reason, changed = None, []
             if codebook_size and codebook_size != index.codebook.size:
                 reason = f"it has {index.codebook.size} words, {codebook_size} asked"

@@ -36,10 +36,10 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -216,6 +216,15 @@ class IndexFiles:
         self.records = {name: self.records[name] for name in files}
         self._save_verified()
 
+    def clear(self, names: Iterable[str] = ()) -> None:
+        """Remove the index's files from its directory (nothing else): the manifest, the verification
+        record, the segments (`segment-*`), temporaries and the other files `names`."""
+        ours = {MANIFEST_FILE, VERIFIED_FILE, *names}
+        for path in self.directory.iterdir():
+            if path.name in ours or path.name.startswith("segment-") or \
+                    (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)):
+                path.unlink()
+
     def remove_temporaries(self) -> None:
         """Delete temporaries left by killed writers (call with the index's lock held: no live writer)."""
         for path in self.directory.glob(f".*{TEMP_SUFFIX}"):
@@ -331,8 +340,8 @@ class IndexFiles:
             raise self.damaged(f"{name} is unreadable ({error})") from None
 
     def num_bytes(self) -> int:
-        """Size of the listed files."""
-        return sum(record.size for record in self.records.values())
+        """Size of the index files on disk (the manifest included)."""
+        return sum(record.size for record in self.records.values()) + (self.directory / MANIFEST_FILE).stat().st_size
 
     # -- the verification record ------------------------------------------------------------
 
@@ -364,6 +373,27 @@ def string_list(value: object, length: int | None = None) -> list[str]:
             (length is not None and len(value) != length):
         raise ValueError("not a list of strings" + (f" of length {length}" if length is not None else ""))
     return value
+
+
+class _Index(Protocol):
+    files: IndexFiles
+
+
+_IndexT = TypeVar("_IndexT", bound=_Index)
+
+
+def open_to_update(open_index: Callable[[Path], _IndexT | None], directory: Path) -> _IndexT | None:
+    """For a writer holding the index's lock: `open_index(directory)`, with the temporaries left by
+    killed writers removed; None when there is no index, or one of another format version (logged:
+    the caller builds a new one)."""
+    try:
+        index = open_index(directory)
+    except OutdatedIndexError as error:
+        LOGGER.warning("rebuilding %s", error)
+        return None
+    if index is not None:
+        index.files.remove_temporaries()  # left by a killed writer (the caller holds the lock)
+    return index
 
 
 _HELD_LOCKS: set[Path] = set()

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from src.retrieval import asmk, index_files, segments
-from src.retrieval.index_files import MANIFEST_FILE, VERIFIED_FILE, IndexFiles, string_list
+from src.retrieval.index_files import MANIFEST_FILE, IndexFiles, string_list
 from src.retrieval.scan import scan_lists
 
 LOGGER = logging.getLogger("delf.retrieval")
@@ -129,7 +129,7 @@ class AsmkIndex:
         """A new, empty index with this codebook (replaces any index in `directory`)."""
         files = IndexFiles(directory, WHAT, FORMAT)
         with locked(files.directory):
-            _clear(files.directory)
+            files.clear((STOP_WORDS_FILE, "codebook.npy", "cells.npy"))
             files.write_array("codebook.npy", codebook.centroids)
             if codebook.cells is not None:
                 files.write_array("cells.npy", codebook.cells)
@@ -395,21 +395,12 @@ class AsmkIndex:
 
     def num_bytes(self) -> int:
         """Size of the index files on disk."""
-        return self.files.num_bytes() + (self.directory / MANIFEST_FILE).stat().st_size
+        return self.files.num_bytes()
 
 
 def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
     """One writer of the ASMK index in `directory` at a time (index_files.locked)."""
     return index_files.locked(directory, WHAT)
-
-
-def _clear(directory: Path) -> None:
-    """Remove an index's files from its directory (nothing else)."""
-    for path in directory.iterdir():
-        ours = path.name in (MANIFEST_FILE, VERIFIED_FILE, STOP_WORDS_FILE, "codebook.npy", "cells.npy") or \
-            path.name.startswith("segment-")
-        if ours or (path.name.startswith(".") and path.name.endswith(".tmp")):
-            path.unlink()
 
 
 def image_numbers(index: AsmkIndex, image_ids: Sequence[str]) -> np.ndarray:

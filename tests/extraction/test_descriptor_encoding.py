@@ -16,7 +16,8 @@ from src.extraction.features import (
     encode_descriptors,
     features_checksum,
 )
-from src.extraction.store import DamagedImageError, FeatureStore
+from src.extraction.store import FeatureStore
+from src.extraction.store_reader import DamagedImageError
 
 
 def unit_descriptors(count: int = 300, depth: int = 128, seed: int = 0) -> np.ndarray:

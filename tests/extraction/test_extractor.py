@@ -11,6 +11,7 @@ import mindspore
 import numpy as np
 import pytest
 from PIL import Image
+from stride_shift import assert_stride_shift_recovered
 
 from model_utils.config import ExtractionConfig
 from src.extraction.extractor import DelfExtractor, ExtractionReport, extract, extract_to_store
@@ -39,14 +40,7 @@ def photo(images_dir):
 
 def test_translation_by_stride_multiples_is_recovered_exactly(model, photo):
     config = ExtractionConfig(image_scales=(1.0,), **KEEP_ALL)
-    image = photo[:320, :448]
-    shifted = image[64:, 96:]  # 2 and 3 cells of the stride-32 grid
-    features, features_shifted = extract([image, shifted], model, config)
-    result = match_features(features, features_shifted, residual_threshold=20.0)
-    assert result.num_inliers > 40
-    # image (x, y) -> shifted (x - 96, y - 64): identity linear part, exact shift.
-    np.testing.assert_allclose(result.transform[:, :2], np.eye(2), atol=1e-3)
-    np.testing.assert_allclose(result.transform[:, 2], [-96.0, -64.0], atol=0.1)
+    result = assert_stride_shift_recovered(photo, model, config, min_inliers=40)
     residuals = np.abs(result.inliers_1 - result.inliers_2 - np.array([64.0, 96.0]))
     assert residuals.max() < 2.0
 

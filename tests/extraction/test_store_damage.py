@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from src.extraction.features import LocalFeatures, features_checksum
-from src.extraction.store import DAMAGED_SUFFIX, DamagedImageError, DamagedStoreError, FeatureStore
+from src.extraction.store import FeatureStore
+from src.extraction.store_reader import DAMAGED_SUFFIX, DamagedImageError, DamagedStoreError
 from src.extraction.store_set import open_store, shard_path
 from src.feature_io import main
 

@@ -7,7 +7,8 @@ import pytest
 
 from model_utils.cli import InputError
 from src.extraction.features import LocalFeatures, StoredFeatures, features_checksum
-from src.extraction.store import DamagedImageError, FeatureStore, NoGlobalDescriptorError
+from src.extraction.store import FeatureStore
+from src.extraction.store_reader import DamagedImageError, NoGlobalDescriptorError
 from src.extraction.store_set import export_npz, open_store, shard_path
 from src.feature_io import main
 

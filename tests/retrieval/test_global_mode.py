@@ -172,6 +172,27 @@ def test_shortlist_by_partition_equals_sorting_everything():
         np.testing.assert_array_equal(shortlist(scores, junk, shortlist_size), expected[:shortlist_size])
 
 
+class RowSource:
+    """The rows of an array as global descriptors, image id = row number; they never change."""
+
+    def __init__(self, database: np.ndarray) -> None:
+        self.database = database
+
+    def global_descriptor(self, image_id: str) -> np.ndarray:
+        return self.database[int(image_id)]
+
+    def checksum(self, image_id: str) -> str:
+        return "c"
+
+    def fingerprint(self) -> None:
+        return None
+
+
+def index_of_rows(directory, database: np.ndarray):
+    """A global index of the rows of `database`."""
+    return open_or_build_global_index(directory, RowSource(database), [str(i) for i in range(len(database))])
+
+
 def test_alpha_query_expansion_hand_computed(tmp_path):
     # q = e0; database x1 = (0.6, 0.8) score 0.6, x2 = (0, 1) score 0, x3 = (-1, 0) score -1.
     database = np.array([[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]], np.float32)
@@ -181,17 +202,7 @@ def test_alpha_query_expansion_hand_computed(tmp_path):
     got = alpha_query_expansion(query, database[None, :2], np.array([[0.6, 0.0]]), 3.0)
     np.testing.assert_allclose(got[0], expected, rtol=1e-6)
 
-    class Source:
-        def global_descriptor(self, image_id):
-            return database[int(image_id)]
-
-        def checksum(self, image_id):
-            return "c"
-
-        def fingerprint(self):
-            return None
-
-    index = open_or_build_global_index(tmp_path / "g", Source(), ["0", "1", "2"])
+    index = index_of_rows(tmp_path / "g", database)
     scorer = GlobalScorer(index, np.arange(3), query, RetrievalConfig(mode="global", query_expansion=2))
     np.testing.assert_allclose(scorer(0), database @ expected, rtol=1e-6)
     plain = GlobalScorer(index, np.arange(3), query, RetrievalConfig(mode="global"))
@@ -212,17 +223,7 @@ def test_database_augmentation_hand_computed(tmp_path):
     expected = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     np.testing.assert_allclose(database_augmentation(database, 2, 1.0), expected, rtol=1e-6)
 
-    class Source:
-        def global_descriptor(self, image_id):
-            return database[int(image_id)]
-
-        def checksum(self, image_id):
-            return "c"
-
-        def fingerprint(self):
-            return None
-
-    index = open_or_build_global_index(tmp_path / "g", Source(), ["0", "1", "2"])
+    index = index_of_rows(tmp_path / "g", database)
     query = np.array([[1.0, 0.0]], np.float32)
     scorer = GlobalScorer(index, np.arange(3), query, RetrievalConfig(mode="global", database_augmentation=2,
                                                                       expansion_alpha=1.0))

@@ -22,7 +22,8 @@ from model_utils.config import MatchingConfig, RetrievalConfig
 from src.evaluation.ground_truth import junk_by_protocol, protocol_ground_truth
 from src.evaluation.metrics import evaluate
 from src.extraction.features import LocalFeatures
-from src.extraction.store import DamagedImageError, FeatureStore
+from src.extraction.store import FeatureStore
+from src.extraction.store_reader import DamagedImageError
 from src.matching.verify import match_features, match_features_batch
 from src.perform_retrieval import main
 from src.retrieval.rerank import KeypointReader, rerank_by_inliers, retrieve, save_ranks
