@@ -46,7 +46,7 @@ def random_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_model(random_checkpoint):
-    """The network of `random_checkpoint`, loaded as extraction loads it (native convolutions)."""
+    """The network of `random_checkpoint` with native convolutions (BatchNorms not folded: build_model)."""
     from src.model.weights import build_model
 
     network = build_model("test", weights_path=str(random_checkpoint), conv_impl="native",
@@ -79,9 +79,11 @@ def random_delg_checkpoint(tmp_path_factory, images_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def random_delg_model(random_delg_checkpoint):
-    """The network of `random_delg_checkpoint`, loaded as extraction loads it."""
+    """The network of `random_delg_checkpoint`, loaded as extraction loads it (BatchNorms folded)."""
+    from src.model.batchnorm_folding import fold_batchnorms
     from src.model.weights import build_model
 
     network = build_model("test", weights_path=str(random_delg_checkpoint), required_prefixes=("",))
     network.set_train(False)
+    fold_batchnorms(network)
     return network
