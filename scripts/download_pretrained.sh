@@ -48,8 +48,13 @@ get_tf_model() {
     esac
     local url="${DELF_RELEASE_BASE_URL:-https://storage.googleapis.com/delf}/$release.tar.gz"  # override: tests
     local archive="$DOWNLOAD_DIR/$release.tar.gz"
-    if [[ -f "$DOWNLOAD_DIR/$name.ckpt" && -f "$DOWNLOAD_DIR/$name.yaml" ]]; then
-        echo "[skip] $DOWNLOAD_DIR/$name.ckpt and $name.yaml already present"
+    # The import is done when its outputs exist and were written by this very converter code (a
+    # changed converter, e.g. a new preset setting, imports again from the kept archive).
+    local stamp="$DOWNLOAD_DIR/$name.import" converter
+    converter="$release $(cat "$ROOT/src/convert_tf_delf.py" "$ROOT"/src/model/*.py | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$DOWNLOAD_DIR/$name.ckpt" && -f "$DOWNLOAD_DIR/$name.yaml" && -f "$stamp" \
+          && "$(cat "$stamp")" == "$converter" ]]; then
+        echo "[skip] $DOWNLOAD_DIR/$name.ckpt and $name.yaml already imported by this version"
         return 0
     fi
     if [[ ! -f "$archive.valid" ]]; then
@@ -70,6 +75,7 @@ get_tf_model() {
     fi
     (cd "$ROOT" && "$PYTHON" src/convert_tf_delf.py --model_dir "$(dirname "$graph")" \
         --ckpt_path "$DOWNLOAD_DIR/$name.ckpt" --preset "$name") || return 1
+    echo "$converter" > "$stamp"
     echo "use it: python eval.py ... --ckpt_path $DOWNLOAD_DIR/$name.ckpt --config_path $DOWNLOAD_DIR/$name.yaml"
 }
 

@@ -11,7 +11,8 @@
 #   `python src/extract_feature.py ... --rank_id R --rank_size WORKER_NUM` without msrun.
 #   Extra arguments go to src/extract_feature.py (--list_images_path, --log_path, config overrides).
 #   Environment: MASTER_ADDR (127.0.0.1), MASTER_PORT (8118), NODE_RANK, LOG_DIR (./msrun_log_extract).
-#   Memory: in graph mode each rank holds ~7 GB for 640-px images, ~15 GB for 1024-px ones (docs/troubleshooting.md, memory).
+#   Memory: a graph-mode rank peaked at 2.2 GB over images up to 1024 px with default settings
+#   (docs/performance.md, extraction).
 #   Bad images never stop a run: msrun kills every rank when one exits non-zero, so each rank exits 0
 #   when only images failed and leaves its status in LOG_DIR/rank<r>.status; this script then exits 1
 #   with one line per rank whose images failed (listed in <shard>.failures.txt), as

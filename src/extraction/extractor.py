@@ -141,7 +141,7 @@ class DelfExtractor:
 def features_from_levels(levels: Sequence[PyramidLevel], config: ExtractionConfig, pca: PcaParameters | None,
                          name: str = "") -> LocalFeatures:
     """Keypoints and final local descriptors of one image from its pyramid maps."""
-    if not levels:  # no level the network could run on (pyramid.level_sizes warned)
+    if not levels:  # no level the network could run on (pyramid_plan warned)
         return empty_features(config.pca_dim if pca is not None else config.feature_depth)
     for level in levels:
         if not (np.isfinite(level.attention).all() and np.isfinite(level.features).all()):

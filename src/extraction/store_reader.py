@@ -253,11 +253,15 @@ class StoreReader:
         About half the cost of `get` (two of the four arrays, no CRC-32 over all of them). Reading
         still detects damage: HDF5 checks each dataset's fletcher32 and the journal's zip archive
         each member's CRC; types and shapes are checked here and finite values by the matcher.
-        Descriptors stored as float16 or int8 are decoded to float32.
+        Descriptors stored as float16 or int8 are decoded to float32. Datasets without fletcher32 (a
+        store rewritten by other tools) are verified by reading the whole image (`get`, its checksum).
         """
         entry = self._read_journal(image_id, KEYPOINT_FIELDS)
         if entry is None:
-            entry = self._read_datasets(image_id, KEYPOINT_FIELDS)
+            entry = self._read_datasets(image_id, KEYPOINT_FIELDS, require_fletcher32=True)
+            if entry is None:
+                features = self.get(image_id)
+                return Keypoints(features.locations, features.descriptors)
         if "locations" not in entry or "descriptors" not in entry:
             raise self._damaged(image_id, "journal entry", "no locations or descriptors")
         keypoints = check_keypoints(entry["locations"], entry["descriptors"], entry.get("descriptor_scales"))
@@ -280,12 +284,12 @@ class StoreReader:
                 raise self._missing(image_id)
             try:
                 dataset = group.get("global_descriptor")
-                if dataset is not None and not dataset.fletcher32:
-                    entry = {"global_descriptor": self.stored(image_id, journal=False).global_descriptor}
-                else:
-                    entry = {} if dataset is None else {"global_descriptor": dataset[()]}
+                unchecked = dataset is not None and not dataset.fletcher32
+                entry = {} if dataset is None or unchecked else {"global_descriptor": dataset[()]}
             except READ_ERRORS as error:
                 raise self._damaged(image_id, "HDF5 group", error) from None
+            if unchecked:  # outside the try: stored() raises its own one-line DamagedImageError
+                entry = {"global_descriptor": self.stored(image_id, journal=False).global_descriptor}
         elif "image_size" not in entry:
             raise self._damaged(image_id, "journal entry", "no image_size")
         if "global_descriptor" not in entry:
@@ -296,13 +300,18 @@ class StoreReader:
         except DamagedImageError as error:
             raise self._damaged(image_id, "arrays", error) from None
 
-    def _read_datasets(self, image_id: str, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """The datasets `names` (those present) of an image's HDF5 group."""
+    def _read_datasets(self, image_id: str, names: Sequence[str], require_fletcher32: bool = False
+                       ) -> dict[str, np.ndarray] | None:
+        """The datasets `names` (those present) of an image's HDF5 group; None when
+        `require_fletcher32` and one of them has no fletcher32 (HDF5 would not check its bytes)."""
         group = self._group(image_id)
         if group is None:
             raise self._missing(image_id)
         try:
-            return {name: group[name][()] for name in names if name in group}
+            datasets = {name: group[name] for name in names if name in group}
+            if require_fletcher32 and not all(dataset.fletcher32 for dataset in datasets.values()):
+                return None
+            return {name: dataset[()] for name, dataset in datasets.items()}
         except READ_ERRORS as error:
             raise self._damaged(image_id, "HDF5 group", error) from None
 
@@ -332,12 +341,12 @@ class StoreReader:
         """(settings_hash, checksum) of one stored image, not verified: the checksum changes whenever
         the features do (None for images stored before checksums existed). Indexes key on it."""
         entry = self._read_journal(image_id, ("settings_hash", "checksum"))
+        if entry is None:
+            group = self._group(image_id)
+            if group is None:
+                raise self._missing(image_id)
+            entry = group.attrs
         try:
-            if entry is None:
-                group = self._group(image_id)
-                if group is None:
-                    raise self._missing(image_id)
-                entry = group.attrs
             checksum = entry.get("checksum")
             return str(entry["settings_hash"]), None if checksum is None else str(checksum)
         except READ_ERRORS as error:

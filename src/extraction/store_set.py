@@ -20,7 +20,7 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from model_utils.files import atomic_output
 from src.extraction.features import Keypoints, LocalFeatures
-from src.extraction.store import FAILURES_SUFFIX, FeatureStore
+from src.extraction.store import FAILURES_SUFFIX, FORMAT, FeatureStore
 from src.extraction.store_reader import JOURNAL_SUFFIX, StoredImage
 
 
@@ -71,7 +71,7 @@ def ensure_store(path: str | os.PathLike) -> None:
     path = Path(path)
     if not store_exists(path):
         with atomic_output(path) as temporary, h5py.File(temporary, "w") as new:
-            new.attrs["format"] = "delf-features-v1"
+            new.attrs["format"] = FORMAT
 
 
 def store_exists(path: str | os.PathLike) -> bool:
@@ -146,10 +146,9 @@ class ShardedFeatureStore:
         return self._shard(image_id).content(image_id)
 
     def is_done(self, image_id: str, settings_hash: str) -> bool:
-        try:
-            return self.attributes(image_id)["settings_hash"] == settings_hash
-        except InputError:
-            return False
+        """As FeatureStore.is_done (the image is read and verified) in the shard that holds it."""
+        shard = self._owner_of().get(image_id)
+        return shard is not None and shard.is_done(image_id, settings_hash)
 
     def image_ids(self) -> list[str]:
         return sorted(self._owner_of())

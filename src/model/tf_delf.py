@@ -258,7 +258,7 @@ def convert_pca(pca_dir: str | os.PathLike, output_dir: str | os.PathLike) -> di
         with atomic_output(target, suffix=".npy") as temporary:
             np.save(temporary, array)
         written[npy_stem] = target
-    mean, projection = (np.load(written[stem]) for stem in PCA_FILES.values())
+    mean, projection = (np.load(written[stem], allow_pickle=False) for stem in PCA_FILES.values())
     if projection.ndim != 2 or mean.reshape(-1).shape[0] != projection.shape[1]:
         raise InputError(f"{pca_dir}: mean {list(mean.shape)} and projection {list(projection.shape)} do not fit")
     return written

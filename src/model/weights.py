@@ -339,8 +339,8 @@ def build_extraction_model(config: DelfConfig, ckpt_path: str) -> DelfModel | De
                         required_prefixes=("",), backbone=config.backbone)
     depth = local_descriptor_depth(model)
     if depth != config.extraction.feature_depth:
-        hint = (" (a DELG model: its local descriptors are the autoencoder's code, used without PCA; the "
-                f"imported DELG presets set feature_depth {depth} and use_pca false)" if model.kind == "delg" else "")
+        hint = (" (a DELG model: its local descriptors are the autoencoder's code, used without PCA; pass "
+                "--config_path delg_config.yaml, or the preset of an imported release)" if model.kind == "delg" else "")
         raise InputError(f"{ckpt_path or 'the untrained network'}: local descriptors are {depth}-D, but "
                          f"extraction.feature_depth is {config.extraction.feature_depth}{hint}")
     model.set_train(False)

@@ -43,7 +43,7 @@ import numpy as np
 
 from model_utils.cli import InputError
 from model_utils.config import ConfigError, DelfConfig, MatchingConfig
-from model_utils.files import atomic_output, atomic_write_text, list_images
+from model_utils.files import atomic_output, atomic_write_text, file_sha256, list_images
 from src.evaluation.ground_truth import PROTOCOLS, GroundTruth, load_ground_truth
 from src.evaluation.metrics import evaluate
 from src.retrieval.rerank import load_ranks
@@ -52,11 +52,6 @@ RUN_FILE = "run.json"
 INLIERS_FILE = "inliers.npz"
 FORMAT, VERSION = "delf-retrieval-run", 1
 INLIER_FIELDS = ("query", "image", "inliers", "putative")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def ground_truth_sha256(ground_truth: GroundTruth) -> str:

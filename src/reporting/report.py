@@ -95,7 +95,8 @@ def _settings_lines(run: Run) -> list[tuple[str, str]]:
         retrieval = settings.get("retrieval", {})
         mode = retrieval.get("mode", "?")
         lines.append(("mode", str(mode)))
-        lines.append(("shortlist", f"{retrieval.get('shortlist_size')} images re-ranked by RANSAC" if mode == "asmk"
+        shortlisted = mode in ("asmk", "global")  # exhaustive verifies every image
+        lines.append(("shortlist", f"{retrieval.get('shortlist_size')} images re-ranked by RANSAC" if shortlisted
                       else "every database image verified by RANSAC"))
         lines.append(("model", str(settings.get("model", "?"))))
         extraction = settings.get("extraction")
@@ -248,8 +249,7 @@ def write_report(run: Run, output_dir: str | os.PathLike, settings: ReportConfig
     page = output_dir / REPORT_FILE
     atomic_write_text(page, render(view))
     _prune(thumbnails.folder, ".jpg", thumbnails.used)
-    if pictures is not None:
-        _prune(pictures.folder, ".png", pictures.used)
+    _prune(output_dir / FILES_DIR / "matches", ".png", pictures.used if pictures is not None else set())
     LOGGER.info("wrote %s in %.1f s", page, time.perf_counter() - started)
     return page
 

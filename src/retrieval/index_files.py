@@ -256,7 +256,11 @@ class IndexFiles:
             raise self.damaged(f"{MANIFEST_FILE} has no checksum")
         if document["checksum"] != _manifest_checksum(document):
             raise self.damaged(f"{MANIFEST_FILE} fails its checksum")
-        if document.get("format") != self.format:
+        found = str(document.get("format"))
+        if found.rsplit("-v", 1)[0] != self.format.rsplit("-v", 1)[0]:  # never clear another kind of index
+            raise InputError(f"{self.directory} holds another kind of index ({found}), not the {self.what} "
+                             f"({self.format}): give each index a folder of its own")
+        if found != self.format:
             raise OutdatedIndexError(f"{self.what} {self.directory} has format {document.get('format')!r}, "
                                      f"this version reads {self.format!r}")
         try:

@@ -220,39 +220,43 @@ def retrieve(
     match_settings = {**dataclasses.asdict(matching), "seed": seed}
     ranks = {p: np.empty((len(imlist), len(qimlist)), dtype=np.int64) for p in protocols}
     positions = np.arange(len(imlist))
-    upcoming = search(0) if mode != "exhaustive" and qimlist else None
-    for column, query_name in enumerate(tqdm(qimlist, desc=f"retrieve ({mode})", unit="query", disable=not progress)):
-        started = time.perf_counter()
-        if mode == "exhaustive":
-            query = query_store.get(query_name)
-        else:
-            query, scores, candidates = upcoming
-            if column + 1 < len(qimlist):
-                upcoming = search(column + 1)  # while this query's shortlist is being read
-        verifier = _Verifier(query, features, match_settings)  # shared by the protocols
-        if mode == "exhaustive":
-            verifier.verify(positions)
-            counts = np.array([verifier.results[image] for image in positions], dtype=np.int64).reshape(-1, 2)
-            order = np.lexsort((positions, -counts[:, 1], -counts[:, 0]))
-            for protocol in protocols:
-                ranks[protocol][:, column] = order
-        else:
-            verifier.verify(candidates)
-            for protocol in protocols:
-                ranks[protocol][:, column] = rerank_by_inliers(
-                    scores, junk[protocol][column], shortlist_size, verifier.inliers
+    try:  # the reader's thread must stop even when a query fails (it would read a closed store)
+        upcoming = search(0) if mode != "exhaustive" and qimlist else None
+        progress_bar = tqdm(qimlist, desc=f"retrieve ({mode})", unit="query", disable=not progress)
+        for column, query_name in enumerate(progress_bar):
+            started = time.perf_counter()
+            if mode == "exhaustive":
+                query = query_store.get(query_name)
+            else:
+                query, scores, candidates = upcoming
+                if column + 1 < len(qimlist):
+                    upcoming = search(column + 1)  # while this query's shortlist is being read
+            verifier = _Verifier(query, features, match_settings)  # shared by the protocols
+            if mode == "exhaustive":
+                verifier.verify(positions)
+                counts = np.array([verifier.results[image] for image in positions], dtype=np.int64).reshape(-1, 2)
+                order = np.lexsort((positions, -counts[:, 1], -counts[:, 0]))
+                for protocol in protocols:
+                    ranks[protocol][:, column] = order
+            else:
+                verifier.verify(candidates)
+                for protocol in protocols:
+                    ranks[protocol][:, column] = rerank_by_inliers(
+                        scores, junk[protocol][column], shortlist_size, verifier.inliers
+                    )
+            if record_verified is not None:
+                record_verified(column, verifier.results,
+                                {protocol: ranks[protocol][:, column] for protocol in protocols})
+            if len(imlist) and protocols:
+                best = int(ranks[protocols[-1]][0, column])
+                LOGGER.info(
+                    "query %s: %d features, %d pairs verified, top %s (%d inliers), %.2f s",
+                    query_name, len(query.descriptors), len(verifier.results), imlist[best],
+                    verifier.results.get(best, (0, 0))[0], time.perf_counter() - started,
                 )
-        if record_verified is not None:
-            record_verified(column, verifier.results, {protocol: ranks[protocol][:, column] for protocol in protocols})
-        if len(imlist) and protocols:
-            best = int(ranks[protocols[-1]][0, column])
-            LOGGER.info(
-                "query %s: %d features, %d pairs verified, top %s (%d inliers), %.2f s",
-                query_name, len(query.descriptors), len(verifier.results), imlist[best],
-                verifier.results.get(best, (0, 0))[0], time.perf_counter() - started,
-            )
-    if isinstance(features, KeypointReader):
-        features.close()
+    finally:
+        if isinstance(features, KeypointReader):
+            features.close()
     return ranks
 
 

@@ -352,8 +352,8 @@ class CheckpointSaver(Callback):
         # A picture is not worth stopping hours of training for: a failure is a warning.
         try:
             LOGGER.info("plotted %s", write_training_curves([self.log_path], self.directory / CURVES_NAME))
-        except (InputError, OSError) as error:
-            LOGGER.warning("could not plot the training curves from %s: %s", self.log_path, error)
+        except Exception as error:  # any plotting failure (matplotlib's own errors too)
+            LOGGER.warning("could not plot the training curves from %s: %s", self.log_path, error, exc_info=True)
 
 
 class ProfilerStep(Callback):

@@ -237,18 +237,22 @@ def test_rescoring_and_rebuilding_write_the_same_report(evaluated, database, tmp
         return re.sub(r"page built [^<]*", "", text)
 
     assert without_build_time((output / "report.html").read_text()) == without_build_time(before)
+    assert list((output / "report_files" / "matches").glob("*.png"))
+    done = subprocess.run([sys.executable, "-m", "src.report", str(output), "--report.match_pictures=0"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((output / "report_files" / "matches").glob("*.png"))  # pictures no longer shown are deleted
 
 
 # DELG: the 128-D autoencoder code without PCA; the global descriptor from both levels of the small pyramid.
-DELG_SETTINGS = ["--extraction.image_scales=[0.5,1.0]", "--extraction.global_scale_indices=[0,1]",
-                 "--extraction.max_image_size=320", "--extraction.score_threshold=0", "--extraction.use_pca=false",
-                 "--extraction.feature_depth=128", "--mode=pynative", "--retrieval.mode=global",
-                 "--matching.distance_threshold=1.0", "--extraction.descriptor_dtype=int8"]
+DELG_SETTINGS = ["--config_path=delg_config.yaml", "--extraction.image_scales=[0.5,1.0]",
+                 "--extraction.global_scale_indices=[0,1]", "--extraction.max_image_size=320",
+                 "--extraction.score_threshold=0", "--mode=pynative", "--extraction.descriptor_dtype=int8"]
 
 
 @pytest.mark.slow
 def test_delg_global_mode_end_to_end(database, random_delg_checkpoint, tmp_path):
-    """eval.py with a DELG checkpoint and --retrieval.mode=global: global descriptors and int8 local
+    """eval.py with a DELG checkpoint and delg_config.yaml (global mode): global descriptors and int8 local
     descriptors stored, the global index built beside the store, every image re-ranked (shortlist
     100 > 11 images), so each query's stride-aligned crop finds its own image first."""
     env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path)}

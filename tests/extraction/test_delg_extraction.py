@@ -15,13 +15,13 @@ from PIL import Image
 from stride_shift import assert_stride_shift_recovered
 
 from model_utils.cli import InputError
-from model_utils.config import ConfigError, ExtractionConfig
+from model_utils.config import ConfigError, ExtractionConfig, get_config
 from src.extraction.extractor import DelfExtractor, ExtractionReport, extract_to_store
 from src.extraction.images import load_image
 from src.extraction.pyramid import pyramid_inputs
 from src.extraction.store import FeatureStore
 from src.model.network import min_input_side
-from src.model.weights import checkpoint_id
+from src.model.weights import build_extraction_model, checkpoint_id
 
 # What a DELG model's extraction settings must say: its local descriptors are the 128-D autoencoder code, no PCA.
 DELG_EXTRACTION = dict(use_pca=False, feature_depth=128)
@@ -191,3 +191,14 @@ def test_cli_in_graph_mode_stores_the_pynative_features(random_delg_model, rando
                 np.testing.assert_array_equal(got, want)
             assert store.attributes(image_id)["settings_hash"] == config.settings_hash(
                 checkpoint_id(str(random_delg_checkpoint)))
+
+
+def test_delg_config_overlay_is_what_a_trained_delg_checkpoint_needs(random_delg_checkpoint):
+    """delg_config.yaml (the README's DELG settings) builds the extraction network of a DELG checkpoint;
+    without it the default DELF settings are refused in one line that names it."""
+    root = Path(__file__).resolve().parents[2]
+    config = get_config(["--config_path", str(root / "delg_config.yaml")])
+    assert (config.extraction.feature_depth, config.extraction.use_pca, config.retrieval.mode) == (128, False, "global")
+    assert build_extraction_model(config, str(random_delg_checkpoint)).kind == "delg"
+    with pytest.raises(InputError, match="local descriptors are 128-D.*pass --config_path delg_config.yaml"):
+        build_extraction_model(get_config([]), str(random_delg_checkpoint))

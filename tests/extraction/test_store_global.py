@@ -189,3 +189,13 @@ def test_stores_written_before_global_descriptors_are_read_unchanged(tmp_path):
         with pytest.raises(NoGlobalDescriptorError, match="old"):
             store.global_descriptor("old")
         assert store.is_done("old", "h")
+
+
+def test_content_of_an_image_not_stored_says_so(tmp_path):
+    """content() (what indexes key on) of a missing image: 'not stored', not 'damaged'."""
+    with FeatureStore(tmp_path / "s.h5") as store:
+        put(store, 0)
+    with FeatureStore(tmp_path / "s.h5") as store:
+        with pytest.raises(InputError, match="no features for image 'other'") as raised:
+            store.content("other")
+        assert not isinstance(raised.value, DamagedImageError)

@@ -258,10 +258,12 @@ def test_exported_slim_model_runs_the_310_path_like_direct_extraction(release, i
 
 def test_download_script_fetches_checks_unpacks_and_imports(release, tmp_path):
     """scripts/download_pretrained.sh delf_v1, against a local HTTP server holding the release tarball."""
-    result, again = run_download_script(tmp_path, release / "delf_v1", "delf_v1_20171026", "delf_v1")
+    result, again, newer = run_download_script(tmp_path, release / "delf_v1", "delf_v1_20171026", "delf_v1")
     assert result.returncode == 0, result.stderr
     assert "imported 222 tensors" in result.stdout
     assert again.returncode == 0 and "[skip]" in again.stdout
+    assert newer.returncode == 0 and "already imported" not in newer.stdout  # another converter: imported again
+    assert "imported 222 tensors" in newer.stdout
     config = get_config(["--config_path", str(tmp_path / "pretrained" / "delf_v1.yaml")])
     assert Path(config.extraction.pca_mean_path).is_file()
     assert load_weights(tmp_path / "pretrained" / "delf_v1.ckpt").backbone == "slim"

@@ -191,13 +191,15 @@ def test_unmatched_names_are_refused_in_one_report(r50, tmp_path):
 
 def test_download_script_fetches_checks_unpacks_and_imports(r50, tmp_path):
     """scripts/download_pretrained.sh r50delg_gldv2clean, against a local HTTP server holding the tarball."""
-    result, again = run_download_script(tmp_path, r50, "r50delg_gldv2clean_20200914", "r50delg_gldv2clean")
+    result, again, newer = run_download_script(tmp_path, r50, "r50delg_gldv2clean_20200914", "r50delg_gldv2clean")
     assert result.returncode == 0, result.stderr
     # src/convert_tf_delf.py's report, through the script.
     assert "imported 279 tensors of DELG R50" in result.stdout
     assert "(BatchNorm epsilon 1e-05, attention 0.001, from saved_model.pb)" in result.stdout
     assert "preset 'r50delg_gldv2clean'" in result.stdout
     assert again.returncode == 0 and "[skip]" in again.stdout
+    assert newer.returncode == 0 and "already imported" not in newer.stdout  # another converter: imported again
+    assert "imported 279 tensors of DELG R50" in newer.stdout
     config = get_config(["--config_path", str(tmp_path / "pretrained" / "r50delg_gldv2clean.yaml")])
     assert config.extraction.score_threshold == 454.6
     assert load_weights(tmp_path / "pretrained" / "r50delg_gldv2clean.ckpt").kind == "delg"

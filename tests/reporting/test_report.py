@@ -21,12 +21,13 @@ from PIL import Image
 
 from model_utils.cli import InputError
 from model_utils.config import ReportConfig, get_config
+from model_utils.files import file_sha256
 from src import report as report_cli
 from src.evaluation.ground_truth import load_ground_truth
 from src.evaluation.metrics import PAPER_KAPPAS, evaluate
 from src.reporting.charts import RECALL_GRID, interpolated_precision
 from src.reporting.page import percent
-from src.reporting.record import VerifiedPairs, file_sha256, load_run, read_run_record, run_settings
+from src.reporting.record import VerifiedPairs, load_run, read_run_record, run_settings
 from src.reporting.report import rebuild_report, record_and_report
 from src.retrieval.rerank import save_ranks
 
@@ -307,3 +308,16 @@ def test_match_pictures_without_the_runs_stores_are_explained(run):
     text = rebuild_report(run.output, ReportConfig(SHOWN, match_pictures=1)).read_text()
     assert "match pictures need the run&#x27;s images and feature stores" in text
     assert "report_files/matches" not in text
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("asmk", "100 images re-ranked by RANSAC"),
+                                                 ("global", "100 images re-ranked by RANSAC"),
+                                                 ("exhaustive", "every database image verified by RANSAC")])
+def test_the_summary_says_how_the_mode_ranked(mode, expected):
+    from types import SimpleNamespace
+
+    from src.reporting.report import _settings_lines
+
+    settings = {"retrieval": {"mode": mode, "shortlist_size": 100}, "model": "m.ckpt", "extraction": None}
+    run = SimpleNamespace(record=SimpleNamespace(settings=settings, gt_path="gt.pkl", images_path=None))
+    assert dict(_settings_lines(run))["shortlist"] == expected

@@ -142,3 +142,16 @@ def test_a_full_disk_is_one_line_naming_the_index(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the temporary is gone
     with pytest.raises(InputError, match=r"no space left on device for merging in test index .*: it needs 1048576\.0"):
         files.require_room(2**40, "merging")
+
+
+def test_another_kind_of_index_is_refused_not_cleared(tmp_path):
+    """An index folder given for another kind of index (e.g. --global_index pointing at the ASMK
+    folder) is one line, and nothing of the other index is deleted; another version of the same
+    kind is 'outdated' (rebuilt)."""
+    write_index(tmp_path / "index")
+    listed = sorted(path.name for path in (tmp_path / "index").iterdir())
+    with pytest.raises(InputError, match=r"holds another kind of index \(test-index-v2\), not the other index"):
+        IndexFiles(tmp_path / "index", "other index", "other-index-v1").read_manifest()
+    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == listed
+    with pytest.raises(OutdatedIndexError, match="has format 'test-index-v2', this version reads 'test-index-v3'"):
+        IndexFiles(tmp_path / "index", "test index", "test-index-v3").read_manifest()
