@@ -38,17 +38,23 @@ def extractors(mode: str, max_side: int) -> dict:
     from model_utils.device import setup_device
     from src.extraction.extractor import DelfExtractor
     from src.extraction.pca import PcaParameters
+    from src.model.batchnorm_folding import fold_batchnorms
     from src.model.delg import DelgModel
     from src.model.network import DelfModel
+
+    def as_extraction_builds_it(model):  # build_extraction_model: inference mode, BatchNorms folded
+        model.set_train(False)
+        fold_batchnorms(model)
+        return model
 
     setup_device("CPU", graph_mode=mode == "graph")
     mindspore.set_seed(0)
     common = dict(image_scales=SCALES, max_image_size=max_side, score_threshold=0.0, max_feature_num=1000)
     rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((1024, 1024)))[0]
-    delf = DelfExtractor(DelfModel("test"), ExtractionConfig(**common, pca_dim=40),
+    delf = DelfExtractor(as_extraction_builds_it(DelfModel("test")), ExtractionConfig(**common, pca_dim=40),
                          PcaParameters(np.zeros(1024), rotation, None))
-    delg = DelfExtractor(DelgModel("test"), ExtractionConfig(**common, use_pca=False, feature_depth=128,
-                                                             global_scale_indices=(3, 4, 5)))
+    delg_settings = ExtractionConfig(**common, use_pca=False, feature_depth=128, global_scale_indices=(3, 4, 5))
+    delg = DelfExtractor(as_extraction_builds_it(DelgModel("test")), delg_settings)
     return {"DELF": delf, "DELG": delg}
 
 
