@@ -178,7 +178,7 @@ def test_checkpoint_records_kind_backbone_and_depth(tmp_path, delg, photo):
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=0, atol=1e-5 * np.abs(want.asnumpy()).max())
     # The DELF defaults (1024-D descriptors, 40-D PCA of them) would not fit: refused, not run.
     with pytest.raises(InputError, match=r"local descriptors are 128-D, but extraction.feature_depth is 1024 "
-                                         r"\(a DELG model.*use_pca false"):
+                                         r"\(a DELG model.*pass --config_path delg_config.yaml"):
         build_extraction_model(get_config([]), str(path))
 
 
