@@ -279,16 +279,8 @@ class StoreReader:
         """
         entry = self._read_journal(image_id, ("global_descriptor", "image_size"))
         if entry is None:
-            group = self._group(image_id)
-            if group is None:
-                raise self._missing(image_id)
-            try:
-                dataset = group.get("global_descriptor")
-                unchecked = dataset is not None and not dataset.fletcher32
-                entry = {} if dataset is None or unchecked else {"global_descriptor": dataset[()]}
-            except READ_ERRORS as error:
-                raise self._damaged(image_id, "HDF5 group", error) from None
-            if unchecked:  # outside the try: stored() raises its own one-line DamagedImageError
+            entry = self._read_datasets(image_id, ("global_descriptor",), require_fletcher32=True)
+            if entry is None:
                 entry = {"global_descriptor": self.stored(image_id, journal=False).global_descriptor}
         elif "image_size" not in entry:
             raise self._damaged(image_id, "journal entry", "no image_size")

@@ -41,7 +41,14 @@ from tqdm import tqdm
 from model_utils.cli import InputError
 from src.retrieval import index_files
 from src.retrieval.faiss_setup import faiss
-from src.retrieval.index_files import MANIFEST_FILE, IndexFiles, open_to_update, string_list
+from src.retrieval.index_files import (
+    MANIFEST_FILE,
+    IndexFiles,
+    append_numbered,
+    open_to_update,
+    read_image_listing,
+    string_list,
+)
 
 LOGGER = logging.getLogger("delf.retrieval")
 
@@ -114,15 +121,6 @@ class GlobalIndex:
         self.checksums: list[str] = []
         self.number_of: dict[str, int] = {}
 
-    def _append(self, segment: _Segment) -> None:
-        if segment.first_image != len(self.image_ids):
-            raise self.files.damaged(f"{segment.name} starts at image {segment.first_image}, "
-                                     f"expected {len(self.image_ids)}")
-        self.segments.append(segment)
-        self.number_of.update((image_id, segment.first_image + k) for k, image_id in enumerate(segment.image_ids))
-        self.image_ids.extend(segment.image_ids)
-        self.checksums.extend(segment.checksums)
-
     # -- opening, creating ------------------------------------------------------------------
 
     @classmethod
@@ -155,7 +153,7 @@ class GlobalIndex:
         checked = files.verify()
         index = cls(files, dim, next_segment, fingerprint)
         for name in segments:
-            index._append(index._read_segment(name, deep=f"{name}.descriptors.npy" in checked))
+            append_numbered(index, index._read_segment(name, deep=f"{name}.descriptors.npy" in checked))
         if num_images != len(index.image_ids):
             raise files.damaged(f"{MANIFEST_FILE} counts {num_images} images, the segments hold {len(index.image_ids)}")
         return index
@@ -163,15 +161,7 @@ class GlobalIndex:
     def _read_segment(self, name: str, deep: bool) -> _Segment:
         """One segment's files, shapes checked (and finite values when `deep`: the file was just
         verified in full, so this costs no extra read from disk)."""
-        listing = self.files.load_json(f"{name}.images.json")
-        try:
-            first_image = listing["first_image"]
-            if not isinstance(first_image, int):
-                raise ValueError("first_image is not a number")
-            image_ids = string_list(listing["image_ids"])
-            checksums = string_list(listing["checksums"], len(image_ids))
-        except (KeyError, TypeError, ValueError) as error:
-            raise self.files.damaged(f"{name}.images.json has a bad entry ({error})") from None
+        first_image, image_ids, checksums = read_image_listing(self.files, name, "checksums")
         descriptors = self.files.load_array(f"{name}.descriptors.npy", np.float32, 2, mmap=True)
         if descriptors.shape != (len(image_ids), self.dim):
             raise self.files.damaged(f"{name}.descriptors.npy has shape {descriptors.shape}, expected "
@@ -224,7 +214,7 @@ class GlobalIndex:
                 # checksum next time, never as a stale descriptor under a current checksum.
                 rows = (([source.checksum(image_id)], self._checked(image_id, source.global_descriptor(image_id)))
                         for image_id in chunk)
-                self._append(self._write_segment(len(self.image_ids), chunk, rows, bar))
+                append_numbered(self, self._write_segment(len(self.image_ids), chunk, rows, bar))
                 self._commit()
             bar.close()
 
@@ -272,7 +262,7 @@ class GlobalIndex:
                 merged.append(self._write_segment(first, self.image_ids[first:stop], blocks))
             self.segments, self.image_ids, self.checksums, self.number_of = [], [], [], {}
             for segment in merged:
-                self._append(segment)
+                append_numbered(self, segment)
             self._commit()
 
     def needs_merge(self) -> bool:

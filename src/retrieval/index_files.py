@@ -379,6 +379,47 @@ def string_list(value: object, length: int | None = None) -> list[str]:
     return value
 
 
+def read_image_listing(files: IndexFiles, name: str, *per_image: str) -> tuple:
+    """(first_image, image_ids, then one list per name in `per_image`) of a segment's
+    `<name>.images.json`, each list checked to hold one string per image; one line if not."""
+    listing = files.load_json(f"{name}.images.json")
+    try:
+        first_image = listing["first_image"]
+        if not isinstance(first_image, int):
+            raise ValueError("first_image is not a number")
+        image_ids = string_list(listing["image_ids"])
+        return (first_image, image_ids, *(string_list(listing[key], len(image_ids)) for key in per_image))
+    except (KeyError, TypeError, ValueError) as error:
+        raise files.damaged(f"{name}.images.json has a bad entry ({error})") from None
+
+
+class _NumberedSegment(Protocol):
+    name: str
+    first_image: int
+    image_ids: list[str]
+    checksums: list[str]
+
+
+class _Numbered(Protocol):
+    files: IndexFiles
+    segments: list
+    image_ids: list[str]
+    checksums: list[str]
+    number_of: dict[str, int]
+
+
+def append_numbered(index: _Numbered, segment: _NumberedSegment) -> None:
+    """Add a segment's images to an index's numbering (image numbers run on from segment to
+    segment: a gap or an overlap means the index is damaged)."""
+    if segment.first_image != len(index.image_ids):
+        raise index.files.damaged(f"{segment.name} starts at image {segment.first_image}, "
+                                  f"expected {len(index.image_ids)}")
+    index.segments.append(segment)
+    index.number_of.update((image_id, segment.first_image + k) for k, image_id in enumerate(segment.image_ids))
+    index.image_ids.extend(segment.image_ids)
+    index.checksums.extend(segment.checksums)
+
+
 class _Index(Protocol):
     files: IndexFiles
 

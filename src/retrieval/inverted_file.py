@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from model_utils.cli import InputError
 from src.retrieval import asmk, index_files, segments
-from src.retrieval.index_files import MANIFEST_FILE, IndexFiles, string_list
+from src.retrieval.index_files import MANIFEST_FILE, IndexFiles, append_numbered, string_list
 from src.retrieval.scan import scan_lists
 
 LOGGER = logging.getLogger("delf.retrieval")
@@ -105,14 +105,8 @@ class AsmkIndex:
         self.word_counts = np.zeros(self.codebook.size, dtype=np.int64)  # entries (= images) per word
 
     def _append(self, segment: segments.Segment) -> None:
-        if segment.first_image != len(self.image_ids):
-            raise self.files.damaged(f"{segment.name} starts at image {segment.first_image}, "
-                                     f"expected {len(self.image_ids)}")
-        self.segments.append(segment)
-        self.number_of.update((image_id, segment.first_image + k) for k, image_id in enumerate(segment.image_ids))
-        self.image_ids.extend(segment.image_ids)
+        append_numbered(self, segment)
         self.settings_hashes.extend(segment.settings_hashes)
-        self.checksums.extend(segment.checksums)
         self.words_per_image = np.concatenate([self.words_per_image, segment.words.astype(np.int64)])
         self.word_counts += np.diff(segment.offsets)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from src.retrieval.index_files import IndexFiles, string_list
+from src.retrieval.index_files import IndexFiles, read_image_listing
 
 FILES = ("offsets.npy", "images.npy", "codes.npy", "words.npy", "images.json")
 NAME = re.compile(r"segment-\d{6}")
@@ -51,16 +51,8 @@ class Segment:
 def read_segment(files: IndexFiles, name: str, num_words: int, code_width: int, deep: bool) -> Segment:
     """One segment's files, their shapes and consistency checked (and the image numbers' range
     when `deep`: the files were just verified in full)."""
-    listing = files.load_json(f"{name}.images.json")
-    try:
-        first_image = listing["first_image"]
-        if not isinstance(first_image, int):
-            raise ValueError("first_image is not a number")
-        image_ids = string_list(listing["image_ids"])
-        settings_hashes = string_list(listing["settings_hashes"], len(image_ids))
-        checksums = string_list(listing["checksums"], len(image_ids))
-    except (KeyError, TypeError, ValueError) as error:
-        raise files.damaged(f"{name}.images.json has a bad entry ({error})") from None
+    first_image, image_ids, settings_hashes, checksums = read_image_listing(files, name, "settings_hashes",
+                                                                            "checksums")
     offsets = files.load_array(f"{name}.offsets.npy", np.int64, 1)
     images = files.load_array(f"{name}.images.npy", np.uint32, 1, mmap=True)
     codes = files.load_array(f"{name}.codes.npy", np.uint8, 2, mmap=True)
